@@ -1,0 +1,10 @@
+"""lightning_qlora: QLoRA fine-tuning for PyTorch Lightning.
+
+NF4/FP4 quantization bit-exact with bitsandbytes, custom ops with C++/CUDA kernels, and
+(as they land) adapters, a Lightning precision plugin, callbacks, paged optimizers and a
+Hydra app.
+"""
+
+from lightning_qlora import ops  # noqa: F401  (registers the custom ops)
+
+__version__ = "0.1.0"

@@ -1,0 +1,24 @@
+"""Custom ops: schemas declared once, reference kernels for every device.
+
+Import this package to make ``torch.ops.lightning_qlora.<op>`` available. The compiled
+C++/CUDA kernels (``csrc/``) register for their own devices on top of the reference
+kernels; without them everything still works on the reference path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_qlora.ops import reference, schemas
+from lightning_qlora.ops.schemas import NAMESPACE, num_blocks, qualified_name
+
+#: Names of every op we declare.
+OP_NAMES: tuple[str, ...] = tuple(reference.REFERENCE_KERNELS)
+
+
+def op(name: str) -> torch._ops.OpOverload:
+    """The default overload of ``lightning_qlora::<name>``."""
+    return getattr(getattr(torch.ops, NAMESPACE), name).default
+
+
+__all__ = ["NAMESPACE", "OP_NAMES", "num_blocks", "op", "qualified_name", "reference", "schemas"]

@@ -1,0 +1,155 @@
+"""Each custom op's schema and fake (meta) implementation, declared once.
+
+Device kernels register against these names: the pure-PyTorch reference kernels in
+:mod:`lightning_qlora.ops.reference` for every device, and the compiled C++/CUDA kernels
+(when built) for their own dispatch keys. Fake implementations give shapes and dtypes
+only, so ``torch.compile`` and meta-device tracing work without running a kernel.
+
+Ops (all functional, no mutation):
+
+* ``quantize_4bit(A, code, blocksize, seed=None) -> (packed, absmax)``
+    ``A`` any shape, fp32/fp16/bf16; ``code`` the 16-entry float32 codebook (index = code);
+    ``packed`` uint8 of shape ``(ceil(numel/2),)``, two codes per byte, first element in the
+    high nibble; ``absmax`` float32 of shape ``(ceil(numel/blocksize),)``. ``seed`` switches
+    on stochastic rounding (counter-based random stream, reproducible on every device).
+* ``dequantize_4bit(packed, absmax, code, blocksize, shape, dtype) -> Tensor[shape]``
+* ``quantize_blockwise_8bit(A, code, blocksize, seed=None) -> (codes, absmax)``
+    ``code`` the 256-entry sorted codebook; ``codes`` uint8 with ``A``'s shape.
+* ``dequantize_blockwise_8bit(codes, absmax, code, blocksize, dtype) -> Tensor``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lightning_qlora.errors import (
+    BLOCK_SIZES_4BIT,
+    BLOCK_SIZES_8BIT,
+    ShapeMismatchError,
+    check_block_size,
+    check_float_dtype,
+    check_output_dtype,
+)
+
+NAMESPACE = "lightning_qlora"
+
+_SCHEMAS = {
+    "quantize_4bit": "(Tensor A, Tensor code, int blocksize, int? seed=None) -> (Tensor, Tensor)",
+    "dequantize_4bit": (
+        "(Tensor packed, Tensor absmax, Tensor code, int blocksize, SymInt[] shape, ScalarType dtype) -> Tensor"
+    ),
+    "quantize_blockwise_8bit": "(Tensor A, Tensor code, int blocksize, int? seed=None) -> (Tensor, Tensor)",
+    "dequantize_blockwise_8bit": (
+        "(Tensor codes, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor"
+    ),
+}
+
+_library = torch.library.Library(NAMESPACE, "DEF")
+for _name, _schema in _SCHEMAS.items():
+    _library.define(_name + _schema)
+
+
+def qualified_name(op: str) -> str:
+    """``"quantize_4bit"`` -> ``"lightning_qlora::quantize_4bit"``."""
+    return f"{NAMESPACE}::{op}"
+
+
+def num_blocks(numel: int, blocksize: int) -> int:
+    """Number of blocks covering ``numel`` elements (the last one may be partial)."""
+    return -(-numel // blocksize)
+
+
+def check_codebook(code: torch.Tensor, entries: int) -> None:
+    """Raise :class:`ShapeMismatchError` unless ``code`` is a float32 table of ``entries`` values."""
+    if code.dtype != torch.float32 or code.dim() != 1 or code.numel() != entries:
+        raise ShapeMismatchError(
+            f"codebook must be a 1-D float32 tensor of {entries} values, got {code.dtype} of shape "
+            f"{tuple(code.shape)}; use lightning_qlora.quantization.get_codebook(...)."
+        )
+
+
+def check_dequantize_4bit_args(
+    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: Sequence[int]
+) -> None:
+    """Validate the metadata of a 4-bit dequantization against the data it describes."""
+    check_block_size(blocksize, BLOCK_SIZES_4BIT)
+    check_codebook(code, 16)
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    if packed.dtype != torch.uint8:
+        raise ShapeMismatchError(f"packed 4-bit data must be uint8, got {packed.dtype}.")
+    if packed.numel() != (numel + 1) // 2:
+        raise ShapeMismatchError(
+            f"packed data holds {packed.numel()} bytes but shape {tuple(shape)} needs {(numel + 1) // 2} "
+            "(two 4-bit codes per byte); the shape does not belong to this weight."
+        )
+    if absmax.dtype != torch.float32 or absmax.numel() != num_blocks(numel, blocksize):
+        raise ShapeMismatchError(
+            f"absmax must be float32 with {num_blocks(numel, blocksize)} entries for shape {tuple(shape)} "
+            f"and blocksize {blocksize}, got {absmax.dtype} with {absmax.numel()}; was it quantized with "
+            "another blocksize?"
+        )
+
+
+def check_dequantize_8bit_args(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> None:
+    """Validate an 8-bit blockwise dequantization."""
+    check_block_size(blocksize, BLOCK_SIZES_8BIT)
+    check_codebook(code, 256)
+    if codes.dtype != torch.uint8:
+        raise ShapeMismatchError(f"8-bit codes must be uint8, got {codes.dtype}.")
+    if absmax.dtype != torch.float32 or absmax.numel() != num_blocks(codes.numel(), blocksize):
+        raise ShapeMismatchError(
+            f"absmax must be float32 with {num_blocks(codes.numel(), blocksize)} entries for "
+            f"{codes.numel()} codes at blocksize {blocksize}, got {absmax.dtype} with {absmax.numel()}."
+        )
+
+
+@torch.library.register_fake(qualified_name("quantize_4bit"))
+def _quantize_4bit_fake(
+    A: torch.Tensor, code: torch.Tensor, blocksize: int, seed: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_float_dtype(A)
+    check_block_size(blocksize, BLOCK_SIZES_4BIT)
+    check_codebook(code, 16)
+    n = A.numel()
+    packed = A.new_empty(((n + 1) // 2,), dtype=torch.uint8)
+    absmax = A.new_empty((num_blocks(n, blocksize),), dtype=torch.float32)
+    return packed, absmax
+
+
+@torch.library.register_fake(qualified_name("dequantize_4bit"))
+def _dequantize_4bit_fake(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    check_output_dtype(dtype)
+    check_dequantize_4bit_args(packed, absmax, code, blocksize, shape)
+    return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+@torch.library.register_fake(qualified_name("quantize_blockwise_8bit"))
+def _quantize_8bit_fake(
+    A: torch.Tensor, code: torch.Tensor, blocksize: int, seed: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_float_dtype(A)
+    check_block_size(blocksize, BLOCK_SIZES_8BIT)
+    check_codebook(code, 256)
+    codes = A.new_empty(A.shape, dtype=torch.uint8)
+    absmax = A.new_empty((num_blocks(A.numel(), blocksize),), dtype=torch.float32)
+    return codes, absmax
+
+
+@torch.library.register_fake(qualified_name("dequantize_blockwise_8bit"))
+def _dequantize_8bit_fake(
+    codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
+) -> torch.Tensor:
+    check_output_dtype(dtype)
+    check_dequantize_8bit_args(codes, absmax, code, blocksize)
+    return codes.new_empty(codes.shape, dtype=dtype)

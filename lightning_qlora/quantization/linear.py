@@ -1,0 +1,121 @@
+"""``Linear4bit``: an ``nn.Linear`` whose frozen weight is a :class:`Quantized4bitTensor`.
+
+Forward: ``y = x @ dequantize(W)^T + b`` in the input's dtype. Backward gives the input
+gradient ``g @ dequantize(W)`` (the weight is frozen; adapters train on top), dequantizing
+again instead of keeping the float weight alive between forward and backward -- that is
+what keeps QLoRA's activation memory small.
+
+The state dict uses bitsandbytes' keys (``weight``, ``weight.absmax``, ``weight.quant_map``,
+``weight.nested_absmax``, ``weight.nested_quant_map``,
+``weight.quant_state.bitsandbytes__<type>``), so checkpoints load into
+``bitsandbytes.nn.Linear4bit`` and back.
+
+Example:
+    >>> layer = Linear4bit.from_linear(torch.nn.Linear(128, 64), quant_type="nf4")
+    >>> layer(torch.randn(2, 128)).shape
+    torch.Size([2, 64])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_qlora.quantization.bnb_format import from_bnb_state_dict, to_bnb_state_dict
+from lightning_qlora.quantization.tensor import Quantized4bitTensor, quantize_4bit
+
+
+class _Linear4bitFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: Quantized4bitTensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.weight = weight
+        ctx.has_bias = bias is not None
+        w = weight.dequantize(x.dtype)
+        return torch.nn.functional.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ ctx.weight.dequantize(grad_out.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, grad_bias
+
+
+def linear_4bit(x: torch.Tensor, weight: Quantized4bitTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with a 4-bit weight: ``x (..., in) -> (..., out)``, gradients for ``x`` and ``bias``."""
+    if x.shape[-1] != weight.shape[-1]:
+        raise ValueError(
+            f"input has {x.shape[-1]} features but the 4-bit weight of shape {tuple(weight.shape)} expects "
+            f"{weight.shape[-1]}."
+        )
+    return _Linear4bitFunction.apply(x, weight, bias)
+
+
+class Linear4bit(nn.Module):
+    """A linear layer with a frozen 4-bit weight; shapes as ``nn.Linear`` (``(out, in)``)."""
+
+    def __init__(self, weight: Quantized4bitTensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"Linear4bit needs a 2-D weight (out_features, in_features), got {tuple(weight.shape)}")
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.out_features, self.in_features = weight.shape
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True) -> Linear4bit:
+        """Quantize an ``nn.Linear`` (its bias stays float and trainable)."""
+        weight = quantize_4bit(linear.weight.detach(), quant_type, blocksize, double_quant=double_quant)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls(weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_4bit(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        w = self.weight
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"quant_type={w.quant_type}, blocksize={w.blocksize}, double_quant={w.double_quantized}"
+        )
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        destination.update(to_bnb_state_dict(self.weight, prefix + "weight"))
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        weight_keys = [k for k in state_dict if k == prefix + "weight" or k.startswith(prefix + "weight.")]
+        if prefix + "weight" not in state_dict:
+            missing_keys.append(prefix + "weight")
+        else:
+            weight = from_bnb_state_dict({k[len(prefix):]: state_dict[k] for k in weight_keys}, "weight")
+            if weight.shape != self.weight.shape:
+                error_msgs.append(
+                    f"size mismatch for {prefix}weight: checkpoint has {tuple(weight.shape)}, "
+                    f"this layer has {tuple(self.weight.shape)}."
+                )
+            else:
+                self.weight = nn.Parameter(weight.to(self.weight.device), requires_grad=False)
+        if self.bias is not None:
+            if prefix + "bias" in state_dict:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[prefix + "bias"])
+            else:
+                missing_keys.append(prefix + "bias")
+        known = set(weight_keys) | {prefix + "bias"}
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known and "." not in k[len(prefix):])
