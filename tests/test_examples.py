@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import runpy
+
+import pytest
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -12,3 +14,11 @@ def test_quantize_and_share_with_bitsandbytes(capsys):
     runpy.run_path(str(EXAMPLES / "quantize_and_share_with_bitsandbytes.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "bits/param" in out and "max output difference 0.00e+00" in out
+
+
+@pytest.mark.parametrize("method", ["lora", "vera"])
+def test_adapters_on_nf4(method, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["adapters_on_nf4.py", method])
+    runpy.run_path(str(EXAMPLES / "adapters_on_nf4.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "quantized 14 Linear layers" in out and "step 19" in out and "saved our adapter" in out

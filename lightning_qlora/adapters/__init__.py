@@ -1,0 +1,45 @@
+"""Adapters: small trainable modules on frozen (4-bit or float) Linear layers.
+
+One file per method behind :class:`AdapterLayer`; :func:`inject_adapters` wraps a model's
+targets; :mod:`~lightning_qlora.adapters.io` saves/loads adapters alone and exports PEFT's
+layout.
+"""
+
+from lightning_qlora.adapters.base import AdapterConfigError, AdapterLayer, MergeReport
+from lightning_qlora.adapters.dora import DoRAConfig, DoRALayer
+from lightning_qlora.adapters.inject import adapter_layers, adapter_param_groups, find_targets, inject_adapters
+from lightning_qlora.adapters.io import export_peft, import_peft, load_adapters, save_adapters
+from lightning_qlora.adapters.lora import LoRAConfig, LoRALayer
+from lightning_qlora.adapters.lora_fa import LoRAFAConfig, LoRAFALayer
+from lightning_qlora.adapters.lora_plus import LoRAPlusConfig, LoRAPlusLayer
+from lightning_qlora.adapters.registry import ADAPTER_CONFIGS, config_from_dict
+from lightning_qlora.adapters.summary import adapter_summary, trainable_parameter_count
+from lightning_qlora.adapters.vera import VeRAConfig, VeRALayer
+
+__all__ = [
+    "ADAPTER_CONFIGS",
+    "AdapterConfigError",
+    "AdapterLayer",
+    "DoRAConfig",
+    "DoRALayer",
+    "LoRAConfig",
+    "LoRAFAConfig",
+    "LoRAFALayer",
+    "LoRALayer",
+    "LoRAPlusConfig",
+    "LoRAPlusLayer",
+    "MergeReport",
+    "VeRAConfig",
+    "VeRALayer",
+    "adapter_layers",
+    "adapter_param_groups",
+    "adapter_summary",
+    "config_from_dict",
+    "export_peft",
+    "find_targets",
+    "import_peft",
+    "inject_adapters",
+    "load_adapters",
+    "save_adapters",
+    "trainable_parameter_count",
+]

@@ -1,0 +1,56 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al., https://arxiv.org/abs/2402.09353).
+
+``W' = m * (W0 + s B A) / ||W0 + s B A||`` with the norm taken per output row (a column of
+``W^T``) and treated as a constant in the backward pass (as the paper and PEFT do), and a
+trainable magnitude ``m (out,)`` initialized to ``||W0||``. Computed without materializing
+``W'`` in the forward:
+
+    h = m / n * (W0 x + s B A x) + bias,   n = ||W0 + s B A||_row (detached)
+
+On a 4-bit base the norm uses the dequantized weight, which is freed right away.
+Trainable parameters: ``r * (in + out) + out``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_qlora.adapters.base import base_weight
+from lightning_qlora.adapters.lora import LoRAConfig, LoRALayer
+
+
+@dataclass(frozen=True)
+class DoRAConfig(LoRAConfig):
+    """LoRA settings; the magnitude vector is added automatically."""
+
+    method = "dora"
+
+    def build(self, base: nn.Module) -> DoRALayer:
+        return DoRALayer(base, self)
+
+
+class DoRALayer(LoRALayer):
+    """LoRA layer with a magnitude vector ``lora_magnitude (out,)``."""
+
+    def __init__(self, base: nn.Module, config: DoRAConfig) -> None:
+        super().__init__(base, config)
+        with torch.no_grad():
+            self.lora_magnitude = nn.Parameter(self._weight_norm())
+
+    def _weight_norm(self) -> torch.Tensor:
+        weight = base_weight(self.base) + self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        return torch.linalg.norm(weight, dim=1)
+
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        scale = (self.lora_magnitude / self._weight_norm().detach()).to(x.dtype)
+        bias = self.base.bias
+        without_bias = base_out - bias if bias is not None else base_out
+        return (scale - 1) * without_bias + scale * self.lora_out(self.dropout(x)) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        weight = base_weight(self.base) + self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        merged = (self.lora_magnitude.float() / torch.linalg.norm(weight, dim=1)).unsqueeze(1) * weight
+        return merged - base_weight(self.base)

@@ -1,0 +1,160 @@
+"""Save and load adapters on their own, and exchange them with PEFT.
+
+Our format (a directory): ``adapter.safetensors`` (the adapters' own tensors, keyed
+``<layer>.<param>``) and ``adapter.json`` (``{"format": "lightning_qlora", "config": {...},
+"targets": [...]}``). Frozen random tensors that are regenerated from a seed (VeRA's
+projections) are not saved. Loading checks the method, the targets and every shape, and
+raises :class:`~lightning_qlora.adapters.AdapterConfigError` naming what does not fit.
+
+PEFT's layout (``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+``base_model.model.<layer>.lora_A.weight``...) is written for LoRA, LoRA+, LoRA-FA and DoRA,
+which PEFT represents as LoRA (``use_dora`` for DoRA).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lightning_qlora.adapters.base import AdapterConfigError
+from lightning_qlora.adapters.dora import DoRALayer
+from lightning_qlora.adapters.inject import adapter_layers, inject_adapters
+from lightning_qlora.adapters.lora import LoRAConfig, LoRALayer
+from lightning_qlora.adapters.registry import config_from_dict, config_to_dict
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter.json", "adapter.safetensors"
+PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' own tensors (not their base layers), keyed ``<layer>.<param>``."""
+    out = {}
+    for name, layer in adapter_layers(model).items():
+        for key, value in layer.state_dict().items():
+            if not key.startswith("base."):
+                out[f"{name}.{key}"] = value.detach().contiguous()
+    return out
+
+
+def save_adapters(model: nn.Module, directory: str | Path) -> Path:
+    """Write the model's adapters (one method) to ``directory``; returns it."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise AdapterConfigError("the model has no adapters to save; call inject_adapters first.")
+    configs = {config_to_dict(layer.config)["method"]: layer.config for layer in layers.values()}
+    if len(configs) != 1:
+        raise AdapterConfigError(f"save_adapters stores one method per directory, found {sorted(configs)}.")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state_dict(model), directory / WEIGHTS_FILE)
+    meta = {"format": "lightning_qlora", "config": config_to_dict(next(iter(configs.values()))), "targets": list(layers)}
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise AdapterConfigError(f"{path} does not exist; is this an adapter directory?") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterConfigError(f"{path} is not valid JSON ({error}); the adapter file is damaged.") from error
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (FileNotFoundError, SafetensorError, OSError) as error:
+        raise AdapterConfigError(f"cannot read adapter weights {path}: {error}") from error
+
+
+def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    own = adapter_state_dict(model)
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise AdapterConfigError(f"adapter weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+    for key, value in tensors.items():
+        if value.shape != own[key].shape:
+            raise AdapterConfigError(
+                f"adapter tensor {key!r} has shape {tuple(value.shape)} but this model needs {tuple(own[key].shape)}; "
+                "was it trained on another model or rank?"
+            )
+    layers = adapter_layers(model)
+    with torch.no_grad():
+        for key, value in tensors.items():
+            name, _, param = key.rpartition(".")
+            getattr(layers[name], param).copy_(value)
+
+
+def load_adapters(model: nn.Module, directory: str | Path, expected_method: str | None = None) -> list[str]:
+    """Inject the saved adapters into ``model`` (if not already there) and load their weights."""
+    directory = Path(directory)
+    meta = _read_json(directory / CONFIG_FILE)
+    if meta.get("format") != "lightning_qlora" or "config" not in meta or "targets" not in meta:
+        raise AdapterConfigError(f"{directory / CONFIG_FILE} is not a lightning_qlora adapter config.")
+    config = config_from_dict(meta["config"], expected_method)
+    targets = list(meta["targets"])
+    if not adapter_layers(model):
+        inject_adapters(model, config, targets, exclude=())
+    present = adapter_layers(model)
+    if sorted(present) != sorted(targets) or any(type(l.config) is not type(config) for l in present.values()):
+        raise AdapterConfigError(f"the model's adapters {sorted(present)[:5]} are not the saved ones {targets[:5]}.")
+    _load_into(model, _read_weights(directory / WEIGHTS_FILE))
+    return targets
+
+
+def export_peft(model: nn.Module, directory: str | Path) -> Path:
+    """Write the model's LoRA-family adapters in PEFT's layout (``PeftModel.from_pretrained`` loads it)."""
+    layers = adapter_layers(model)
+    if not layers or not all(isinstance(layer, LoRALayer) for layer in layers.values()):
+        raise AdapterConfigError("PEFT export covers LoRA, LoRA+, LoRA-FA and DoRA adapters.")
+    config = next(iter(layers.values())).config
+    tensors = {}
+    for name, layer in layers.items():
+        prefix = f"base_model.model.{name}"
+        tensors[f"{prefix}.lora_A.weight"] = layer.lora_A.detach().contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = layer.lora_B.detach().contiguous()
+        if isinstance(layer, DoRALayer):
+            tensors[f"{prefix}.lora_magnitude_vector"] = layer.lora_magnitude.detach().contiguous()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, directory / PEFT_WEIGHTS_FILE)
+    peft_config = {
+        "peft_type": "LORA", "task_type": None, "r": config.r, "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout, "use_rslora": config.rslora, "use_dora": isinstance(next(iter(layers.values())), DoRALayer),
+        "target_modules": sorted(layers), "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+        "modules_to_save": None, "base_model_name_or_path": None,
+    }  # fmt: skip
+    (directory / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2))
+    return directory
+
+
+def import_peft(model: nn.Module, directory: str | Path, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Inject and load a PEFT LoRA/DoRA adapter directory into ``model``."""
+    from lightning_qlora.adapters.dora import DoRAConfig
+
+    directory = Path(directory)
+    meta = _read_json(directory / PEFT_CONFIG_FILE)
+    if meta.get("peft_type") != "LORA":
+        raise AdapterConfigError(f"only PEFT LoRA/DoRA adapters can be imported, this one is {meta.get('peft_type')!r}.")
+    cls = DoRAConfig if meta.get("use_dora") else LoRAConfig
+    config = cls(r=int(meta["r"]), alpha=float(meta["lora_alpha"]), dropout=float(meta.get("lora_dropout", 0.0)),
+                 rslora=bool(meta.get("use_rslora", False)))  # fmt: skip
+    raw = _read_weights(directory / PEFT_WEIGHTS_FILE)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        name = key.removeprefix("base_model.model.")
+        name = name.replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B")
+        name = name.replace(".lora_magnitude_vector", ".lora_magnitude")
+        tensors[name] = value
+    targets = sorted({k.rpartition(".")[0] for k in tensors})
+    inject_adapters(model, config, targets, exclude=exclude)
+    _load_into(model, tensors)
+    return targets

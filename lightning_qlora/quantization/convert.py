@@ -1,0 +1,38 @@
+"""Replace a model's ``nn.Linear`` layers by 4-bit :class:`Linear4bit` layers, one at a time.
+
+Layer by layer, so peak memory stays near the final size plus one float layer -- never a
+second full float copy of the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from lightning_qlora.quantization.linear import Linear4bit
+
+
+def quantize_linears(
+    model: nn.Module,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    skip: Iterable[str] = ("lm_head",),
+) -> list[str]:
+    """Quantize every ``nn.Linear`` of ``model`` in place, except names ending in ``skip``.
+
+    Returns:
+        The qualified names of the layers that were quantized.
+    """
+    skip = tuple(skip)
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    done = []
+    for name in names:
+        if any(name == s or name.endswith("." + s) for s in skip):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Linear4bit.from_linear(getattr(parent, child), quant_type, blocksize, double_quant))
+        done.append(name)
+    return done

@@ -1,0 +1,78 @@
+"""Every method fine-tunes a tiny transformers Llama on an NF4 base: loss drops, merge agrees."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lightning_qlora.adapters import (
+    DoRAConfig,
+    LoRAConfig,
+    LoRAFAConfig,
+    LoRAPlusConfig,
+    VeRAConfig,
+    adapter_layers,
+    adapter_param_groups,
+    inject_adapters,
+    load_adapters,
+    save_adapters,
+)
+from lightning_qlora.quantization import Linear4bit
+from lightning_qlora.quantization.convert import quantize_linears
+
+transformers = pytest.importorskip("transformers")
+
+CONFIGS = [LoRAConfig(r=8, alpha=16), LoRAPlusConfig(r=8, alpha=16, lr_ratio=4), LoRAFAConfig(r=8, alpha=16),
+           DoRAConfig(r=8, alpha=16), VeRAConfig(r=32, d_initial=0.5)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    quantize_linears(model, "nf4", 64, double_quant=True, skip=("lm_head",))
+    return model
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.method)
+def test_method_trains_merges_and_round_trips(tiny_llama, config, tmp_path):
+    model = copy.deepcopy(tiny_llama)
+    wrapped = inject_adapters(model, config, "all-linear")
+    assert len(wrapped) == 2 * 7 and all(isinstance(l.base, Linear4bit) for l in adapter_layers(model).values())
+    base_codes = {n: l.base.weight.packed.clone() for n, l in adapter_layers(model).items()}
+    lr = 3e-2 if config.method == "vera" else 1e-2
+    optimizer = torch.optim.AdamW(adapter_param_groups(model, lr=lr), weight_decay=0.0)
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 96, (4, 24), generator=generator)  # a fixed batch the adapters can memorize
+    losses = []
+    model.train()
+    for _ in range(30):
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    # measured here: lora 4.59 -> 3.48, lora_plus 3.82, lora_fa 3.56, dora 3.58, vera 4.21
+    assert losses[-1] < 0.95 * losses[0], losses
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert all(torch.equal(l.base.weight.packed, base_codes[n]) for n, l in adapter_layers(model).items())
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch).logits
+        save_adapters(model, tmp_path)
+        restored = copy.deepcopy(tiny_llama)
+        load_adapters(restored, tmp_path)
+        assert torch.equal(restored(input_ids=batch).logits, logits)
+        for layer in adapter_layers(model).values():
+            layer.merge()
+        merged = model(input_ids=batch).logits
+        for layer in adapter_layers(model).values():
+            layer.unmerge()
+        assert torch.equal(model(input_ids=batch).logits, logits)
+    # merging into 4-bit requantizes: close to, not equal to, the unmerged model
+    assert (merged.softmax(-1) - logits.softmax(-1)).abs().max() < 0.1
