@@ -5,6 +5,7 @@ targets; :mod:`~lightning_qlora.adapters.io` saves/loads adapters alone and expo
 layout.
 """
 
+from lightning_qlora.adapters.adalora import AdaLoRAConfig, AdaLoRALayer
 from lightning_qlora.adapters.base import AdapterConfigError, AdapterLayer, MergeReport
 from lightning_qlora.adapters.dora import DoRAConfig, DoRALayer
 from lightning_qlora.adapters.inject import adapter_layers, adapter_param_groups, find_targets, inject_adapters
@@ -18,6 +19,8 @@ from lightning_qlora.adapters.vera import VeRAConfig, VeRALayer
 
 __all__ = [
     "ADAPTER_CONFIGS",
+    "AdaLoRAConfig",
+    "AdaLoRALayer",
     "AdapterConfigError",
     "AdapterLayer",
     "DoRAConfig",

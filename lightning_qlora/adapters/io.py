@@ -8,7 +8,8 @@ raises :class:`~lightning_qlora.adapters.AdapterConfigError` naming what does no
 
 PEFT's layout (``adapter_config.json`` + ``adapter_model.safetensors`` with keys
 ``base_model.model.<layer>.lora_A.weight``...) is written for LoRA, LoRA+, LoRA-FA and DoRA,
-which PEFT represents as LoRA (``use_dora`` for DoRA).
+which PEFT represents as LoRA (``use_dora`` for DoRA), and for AdaLoRA (pruned ranks are
+exported as zero singular values, which gives the same outputs).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lightning_qlora.adapters.adalora import AdaLoRAConfig, AdaLoRALayer
 from lightning_qlora.adapters.base import AdapterConfigError
 from lightning_qlora.adapters.dora import DoRALayer
 from lightning_qlora.adapters.inject import adapter_layers, inject_adapters
@@ -110,11 +112,35 @@ def load_adapters(model: nn.Module, directory: str | Path, expected_method: str 
     return targets
 
 
+def _export_adalora(layers: dict[str, AdaLoRALayer], directory: Path) -> None:
+    config = next(iter(layers.values())).config
+    tensors = {}
+    for name, layer in layers.items():
+        prefix = f"base_model.model.{name}"
+        tensors[f"{prefix}.lora_A"] = layer.lora_A.detach().contiguous()
+        tensors[f"{prefix}.lora_B"] = layer.lora_B.detach().contiguous()
+        tensors[f"{prefix}.lora_E"] = (layer.lora_E * layer.rank_mask).detach().unsqueeze(1).contiguous()
+    save_file(tensors, directory / PEFT_WEIGHTS_FILE)
+    peft_config = {
+        "peft_type": "ADALORA", "task_type": None, "init_r": config.r,
+        "target_r": max(layer.rank for layer in layers.values()), "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout, "orth_reg_weight": config.orth_reg_weight, "total_step": 1,
+        "target_modules": sorted(layers), "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+        "modules_to_save": None, "base_model_name_or_path": None, "rank_pattern": None,
+    }  # fmt: skip
+    (directory / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2))
+
+
 def export_peft(model: nn.Module, directory: str | Path) -> Path:
-    """Write the model's LoRA-family adapters in PEFT's layout (``PeftModel.from_pretrained`` loads it)."""
+    """Write the model's adapters in PEFT's layout (``PeftModel.from_pretrained`` loads it)."""
     layers = adapter_layers(model)
+    directory = Path(directory)
+    if layers and all(isinstance(layer, AdaLoRALayer) for layer in layers.values()):
+        directory.mkdir(parents=True, exist_ok=True)
+        _export_adalora(layers, directory)
+        return directory
     if not layers or not all(isinstance(layer, LoRALayer) for layer in layers.values()):
-        raise AdapterConfigError("PEFT export covers LoRA, LoRA+, LoRA-FA and DoRA adapters.")
+        raise AdapterConfigError("PEFT export covers LoRA, LoRA+, LoRA-FA, DoRA and AdaLoRA adapters.")
     config = next(iter(layers.values())).config
     tensors = {}
     for name, layer in layers.items():
@@ -123,7 +149,6 @@ def export_peft(model: nn.Module, directory: str | Path) -> Path:
         tensors[f"{prefix}.lora_B.weight"] = layer.lora_B.detach().contiguous()
         if isinstance(layer, DoRALayer):
             tensors[f"{prefix}.lora_magnitude_vector"] = layer.lora_magnitude.detach().contiguous()
-    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / PEFT_WEIGHTS_FILE)
     peft_config = {
@@ -142,18 +167,31 @@ def import_peft(model: nn.Module, directory: str | Path, exclude: tuple[str, ...
 
     directory = Path(directory)
     meta = _read_json(directory / PEFT_CONFIG_FILE)
-    if meta.get("peft_type") != "LORA":
-        raise AdapterConfigError(f"only PEFT LoRA/DoRA adapters can be imported, this one is {meta.get('peft_type')!r}.")
-    cls = DoRAConfig if meta.get("use_dora") else LoRAConfig
-    config = cls(r=int(meta["r"]), alpha=float(meta["lora_alpha"]), dropout=float(meta.get("lora_dropout", 0.0)),
-                 rslora=bool(meta.get("use_rslora", False)))  # fmt: skip
+    peft_type = meta.get("peft_type")
+    if peft_type == "LORA":
+        cls = DoRAConfig if meta.get("use_dora") else LoRAConfig
+        config = cls(r=int(meta["r"]), alpha=float(meta["lora_alpha"]), dropout=float(meta.get("lora_dropout", 0.0)),
+                     rslora=bool(meta.get("use_rslora", False)))  # fmt: skip
+    elif peft_type == "ADALORA" and not meta.get("rank_pattern"):
+        config = AdaLoRAConfig(r=int(meta["init_r"]), alpha=float(meta["lora_alpha"]),
+                               dropout=float(meta.get("lora_dropout", 0.0)),
+                               orth_reg_weight=float(meta.get("orth_reg_weight", 0.5)))  # fmt: skip
+    else:
+        raise AdapterConfigError(
+            f"PEFT adapter type {peft_type!r} (rank_pattern={bool(meta.get('rank_pattern'))}) cannot be imported; "
+            "supported: LORA (incl. DoRA) and unpruned-layout ADALORA."
+        )
     raw = _read_weights(directory / PEFT_WEIGHTS_FILE)
     tensors: dict[str, torch.Tensor] = {}
     for key, value in raw.items():
         name = key.removeprefix("base_model.model.")
         name = name.replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B")
         name = name.replace(".lora_magnitude_vector", ".lora_magnitude")
-        tensors[name] = value
+        if name.endswith(".lora_E"):  # PEFT keeps (r, 1); pruned ranks arrive as zeros, so all stay active
+            tensors[name] = value.squeeze(1)
+            tensors[name.removesuffix("lora_E") + "rank_mask"] = torch.ones_like(value.squeeze(1))
+        else:
+            tensors[name] = value
     targets = sorted({k.rpartition(".")[0] for k in tensors})
     inject_adapters(model, config, targets, exclude=exclude)
     _load_into(model, tensors)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from lightning_qlora.adapters.adalora import AdaLoRAConfig
 from lightning_qlora.adapters.base import AdapterConfigError
 from lightning_qlora.adapters.dora import DoRAConfig
 from lightning_qlora.adapters.lora import LoRAConfig
@@ -13,7 +14,7 @@ from lightning_qlora.adapters.lora_plus import LoRAPlusConfig
 from lightning_qlora.adapters.vera import VeRAConfig
 
 ADAPTER_CONFIGS: dict[str, type] = {
-    cls.method: cls for cls in (LoRAConfig, LoRAPlusConfig, LoRAFAConfig, DoRAConfig, VeRAConfig)
+    cls.method: cls for cls in (LoRAConfig, LoRAPlusConfig, LoRAFAConfig, DoRAConfig, VeRAConfig, AdaLoRAConfig)
 }
 
 

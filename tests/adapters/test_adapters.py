@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lightning_qlora.adapters import (
+    AdaLoRAConfig,
     AdapterConfigError,
     DoRAConfig,
     LoRAConfig,
@@ -27,6 +28,7 @@ CONFIGS = {
     "lora_fa": LoRAFAConfig(r=4, alpha=8),
     "dora": DoRAConfig(r=4, alpha=8),
     "vera": VeRAConfig(r=16),
+    "adalora": AdaLoRAConfig(r=6, alpha=8),
 }
 # Closed forms per adapted layer (in = d, out = k): the table.
 TRAINABLE = {
@@ -35,6 +37,7 @@ TRAINABLE = {
     "lora_fa": lambda d, k, c: c.r * k,
     "dora": lambda d, k, c: c.r * (d + k) + k,
     "vera": lambda d, k, c: c.r + k,
+    "adalora": lambda d, k, c: c.r * (d + k + 1),
 }
 # Which adapter parameters receive gradients.
 GRADIENTS = {
@@ -43,6 +46,7 @@ GRADIENTS = {
     "lora_fa": {"lora_B"},
     "dora": {"lora_A", "lora_B", "lora_magnitude"},
     "vera": {"lambda_d", "lambda_b"},
+    "adalora": {"lora_A", "lora_E", "lora_B"},
 }
 
 

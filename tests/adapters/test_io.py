@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lightning_qlora.adapters import (
+    AdaLoRAConfig,
     AdapterConfigError,
     DoRAConfig,
     LoRAConfig,
@@ -34,7 +35,7 @@ def _perturb(model: torch.nn.Module) -> None:
                 p.data.add_(torch.randn_like(p) * 0.05)
 
 
-@pytest.mark.parametrize("config", [LoRAConfig(r=4), DoRAConfig(r=4), VeRAConfig(r=8), LoRAFAConfig(r=4)],
+@pytest.mark.parametrize("config", [LoRAConfig(r=4), DoRAConfig(r=4), VeRAConfig(r=8), LoRAFAConfig(r=4), AdaLoRAConfig(r=4)],
                          ids=lambda c: c.method)  # fmt: skip
 def test_save_load_round_trip_on_nf4_base(two_proj, tmp_path, config):
     base = copy.deepcopy(two_proj)
@@ -51,15 +52,23 @@ def test_save_load_round_trip_on_nf4_base(two_proj, tmp_path, config):
         assert torch.equal(restored(x), trained(x))
 
 
-def test_lora_exports_to_peft_and_peft_reproduces_our_outputs(two_proj, tmp_path):
+@pytest.mark.parametrize("config", [LoRAConfig(r=4, alpha=8), DoRAConfig(r=4, alpha=8), AdaLoRAConfig(r=4, alpha=8)],
+                         ids=lambda c: c.method)  # fmt: skip
+def test_exports_to_peft_and_peft_reproduces_our_outputs(two_proj, tmp_path, config):
     ours = copy.deepcopy(two_proj)
-    inject_adapters(ours, LoRAConfig(r=4, alpha=8), ["q_proj", "v_proj"])
+    inject_adapters(ours, config, ["q_proj", "v_proj"])
     _perturb(ours)
+    if config.method == "adalora":  # a pruned rank must export as a zero singular value
+        adapter_layers(ours)["q_proj"].set_rank_mask(torch.tensor([1.0, 0.0, 1.0, 1.0]))
     export_peft(ours, tmp_path)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(two_proj), tmp_path)
     x = torch.randn(5, 128)
     with torch.no_grad():
         assert torch.allclose(theirs(x), ours(x), atol=1e-5)
+    back = copy.deepcopy(two_proj)
+    import_peft(back, tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(back(x), ours(x), atol=1e-6)
 
 
 def test_peft_adapter_imports_into_ours(two_proj, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_qlora.adapters import DoRAConfig, LoRAConfig, VeRAConfig, adapter_layers, inject_adapters
+from lightning_qlora.adapters import AdaLoRAConfig, DoRAConfig, LoRAConfig, VeRAConfig, adapter_layers, inject_adapters
 from lightning_qlora.quantization import Linear4bit
 from lightning_qlora.quantization.convert import quantize_linears
 
@@ -45,12 +45,14 @@ def _bases(two_proj: nn.Module, nf4: bool) -> tuple[nn.Module, nn.Module]:
 
 
 def _peft_config(method: str):
+    if method == "adalora":
+        return peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=TARGETS, total_step=10)
     if method == "vera":
         return peft.VeraConfig(r=8, target_modules=TARGETS, projection_prng_key=0, save_projection=True)
     return peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=method == "dora")
 
 
-OUR_CONFIGS = {"lora": LoRAConfig(r=4, alpha=8), "dora": DoRAConfig(r=4, alpha=8), "vera": VeRAConfig(r=8)}
+OUR_CONFIGS = {"adalora": AdaLoRAConfig(r=4, alpha=8), "lora": LoRAConfig(r=4, alpha=8), "dora": DoRAConfig(r=4, alpha=8), "vera": VeRAConfig(r=8)}
 
 
 def _randomize_and_copy(peft_model: nn.Module, ours: nn.Module, method: str) -> None:
@@ -66,6 +68,12 @@ def _randomize_and_copy(peft_model: nn.Module, ours: nn.Module, method: str) -> 
                 layer.lambda_b.copy_(theirs.vera_lambda_b["default"])
                 layer.lambda_d.copy_(theirs.vera_lambda_d["default"])
                 continue
+            if method == "adalora":
+                theirs.lora_E["default"].normal_()
+                layer.lora_A.copy_(theirs.lora_A["default"])
+                layer.lora_E.copy_(theirs.lora_E["default"].squeeze(1))
+                layer.lora_B.copy_(theirs.lora_B["default"])
+                continue
             theirs.lora_B["default"].weight.normal_(std=0.1)
             layer.lora_A.copy_(theirs.lora_A["default"].weight)
             layer.lora_B.copy_(theirs.lora_B["default"].weight)
@@ -75,7 +83,7 @@ def _randomize_and_copy(peft_model: nn.Module, ours: nn.Module, method: str) -> 
 
 
 @pytest.mark.parametrize("nf4", [False, True], ids=["float-base", "nf4-base"])
-@pytest.mark.parametrize("method", ["lora", "dora", "vera"])
+@pytest.mark.parametrize("method", ["lora", "dora", "vera", "adalora"])
 def test_outputs_equal_peft(two_proj, method, nf4):
     ours, theirs_base = _bases(two_proj, nf4)
     inject_adapters(ours, OUR_CONFIGS[method], TARGETS)

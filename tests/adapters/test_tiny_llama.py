@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_qlora.adapters import (
+    AdaLoRAConfig,
     DoRAConfig,
     LoRAConfig,
     LoRAFAConfig,
@@ -25,7 +26,7 @@ from lightning_qlora.quantization.convert import quantize_linears
 transformers = pytest.importorskip("transformers")
 
 CONFIGS = [LoRAConfig(r=8, alpha=16), LoRAPlusConfig(r=8, alpha=16, lr_ratio=4), LoRAFAConfig(r=8, alpha=16),
-           DoRAConfig(r=8, alpha=16), VeRAConfig(r=32, d_initial=0.5)]  # fmt: skip
+           DoRAConfig(r=8, alpha=16), VeRAConfig(r=32, d_initial=0.5), AdaLoRAConfig(r=8, alpha=16)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,7 @@ def test_method_trains_merges_and_round_trips(tiny_llama, config, tmp_path):
     model.train()
     for _ in range(30):
         loss = model(input_ids=batch, labels=batch).loss
+        loss = loss + sum(layer.extra_loss() for layer in adapter_layers(model).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
