@@ -7,6 +7,7 @@ layout.
 
 from lightning_qlora.adapters.adalora import AdaLoRAConfig, AdaLoRALayer
 from lightning_qlora.adapters.base import AdapterConfigError, AdapterLayer, MergeReport
+from lightning_qlora.adapters.delta_lora import DeltaLoRAConfig, DeltaLoRALayer, delta_lora_step
 from lightning_qlora.adapters.dora import DoRAConfig, DoRALayer
 from lightning_qlora.adapters.inject import adapter_layers, adapter_param_groups, find_targets, inject_adapters
 from lightning_qlora.adapters.io import export_peft, import_peft, load_adapters, save_adapters
@@ -23,6 +24,8 @@ __all__ = [
     "AdaLoRALayer",
     "AdapterConfigError",
     "AdapterLayer",
+    "DeltaLoRAConfig",
+    "DeltaLoRALayer",
     "DoRAConfig",
     "DoRALayer",
     "LoRAConfig",
@@ -38,6 +41,7 @@ __all__ = [
     "adapter_param_groups",
     "adapter_summary",
     "config_from_dict",
+    "delta_lora_step",
     "export_peft",
     "find_targets",
     "import_peft",

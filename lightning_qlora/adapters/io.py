@@ -52,6 +52,11 @@ def save_adapters(model: nn.Module, directory: str | Path) -> Path:
     configs = {config_to_dict(layer.config)["method"]: layer.config for layer in layers.values()}
     if len(configs) != 1:
         raise AdapterConfigError(f"save_adapters stores one method per directory, found {sorted(configs)}.")
+    if "delta_lora" in configs:
+        raise AdapterConfigError(
+            "Delta-LoRA also changes the base weights, so its adapter alone does not reproduce the model: "
+            "save the full model state_dict (its 4-bit weights save in bitsandbytes format) instead."
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state_dict(model), directory / WEIGHTS_FILE)

@@ -7,6 +7,7 @@ from typing import Any
 
 from lightning_qlora.adapters.adalora import AdaLoRAConfig
 from lightning_qlora.adapters.base import AdapterConfigError
+from lightning_qlora.adapters.delta_lora import DeltaLoRAConfig
 from lightning_qlora.adapters.dora import DoRAConfig
 from lightning_qlora.adapters.lora import LoRAConfig
 from lightning_qlora.adapters.lora_fa import LoRAFAConfig
@@ -14,7 +15,7 @@ from lightning_qlora.adapters.lora_plus import LoRAPlusConfig
 from lightning_qlora.adapters.vera import VeRAConfig
 
 ADAPTER_CONFIGS: dict[str, type] = {
-    cls.method: cls for cls in (LoRAConfig, LoRAPlusConfig, LoRAFAConfig, DoRAConfig, VeRAConfig, AdaLoRAConfig)
+    cls.method: cls for cls in (LoRAConfig, LoRAPlusConfig, LoRAFAConfig, DoRAConfig, VeRAConfig, AdaLoRAConfig, DeltaLoRAConfig)
 }
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lightning_qlora.adapters import (
+    DeltaLoRAConfig,
     AdaLoRAConfig,
     AdapterConfigError,
     DoRAConfig,
@@ -29,6 +30,7 @@ CONFIGS = {
     "dora": DoRAConfig(r=4, alpha=8),
     "vera": VeRAConfig(r=16),
     "adalora": AdaLoRAConfig(r=6, alpha=8),
+    "delta_lora": DeltaLoRAConfig(r=4, alpha=8),
 }
 # Closed forms per adapted layer (in = d, out = k): the table.
 TRAINABLE = {
@@ -38,6 +40,7 @@ TRAINABLE = {
     "dora": lambda d, k, c: c.r * (d + k) + k,
     "vera": lambda d, k, c: c.r + k,
     "adalora": lambda d, k, c: c.r * (d + k + 1),
+    "delta_lora": lambda d, k, c: c.r * (d + k),
 }
 # Which adapter parameters receive gradients.
 GRADIENTS = {
@@ -47,6 +50,7 @@ GRADIENTS = {
     "dora": {"lora_A", "lora_B", "lora_magnitude"},
     "vera": {"lambda_d", "lambda_b"},
     "adalora": {"lora_A", "lora_E", "lora_B"},
+    "delta_lora": {"lora_A", "lora_B"},
 }
 
 
