@@ -14,6 +14,7 @@ from lightning_qlora.adapters.io import export_peft, import_peft, load_adapters,
 from lightning_qlora.adapters.lora import LoRAConfig, LoRALayer
 from lightning_qlora.adapters.lora_fa import LoRAFAConfig, LoRAFALayer
 from lightning_qlora.adapters.lora_plus import LoRAPlusConfig, LoRAPlusLayer
+from lightning_qlora.adapters.mixture import MixtureLoRAConfig, MixtureLoRALayer
 from lightning_qlora.adapters.registry import ADAPTER_CONFIGS, config_from_dict
 from lightning_qlora.adapters.summary import adapter_summary, trainable_parameter_count
 from lightning_qlora.adapters.vera import VeRAConfig, VeRALayer
@@ -35,6 +36,8 @@ __all__ = [
     "LoRAPlusConfig",
     "LoRAPlusLayer",
     "MergeReport",
+    "MixtureLoRAConfig",
+    "MixtureLoRALayer",
     "VeRAConfig",
     "VeRALayer",
     "adapter_layers",

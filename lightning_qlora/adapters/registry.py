@@ -12,10 +12,11 @@ from lightning_qlora.adapters.dora import DoRAConfig
 from lightning_qlora.adapters.lora import LoRAConfig
 from lightning_qlora.adapters.lora_fa import LoRAFAConfig
 from lightning_qlora.adapters.lora_plus import LoRAPlusConfig
+from lightning_qlora.adapters.mixture import MixtureLoRAConfig
 from lightning_qlora.adapters.vera import VeRAConfig
 
 ADAPTER_CONFIGS: dict[str, type] = {
-    cls.method: cls for cls in (LoRAConfig, LoRAPlusConfig, LoRAFAConfig, DoRAConfig, VeRAConfig, AdaLoRAConfig, DeltaLoRAConfig)
+    cls.method: cls for cls in (LoRAConfig, LoRAPlusConfig, LoRAFAConfig, DoRAConfig, VeRAConfig, AdaLoRAConfig, DeltaLoRAConfig, MixtureLoRAConfig)
 }
 
 
