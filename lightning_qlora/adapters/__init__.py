@@ -12,6 +12,7 @@ from lightning_qlora.adapters.dora import DoRAConfig, DoRALayer
 from lightning_qlora.adapters.inject import adapter_layers, adapter_param_groups, find_targets, inject_adapters
 from lightning_qlora.adapters.io import export_peft, import_peft, load_adapters, save_adapters
 from lightning_qlora.adapters.lora import LoRAConfig, LoRALayer
+from lightning_qlora.adapters.lora_drop import LoRADropConfig, LoRADropLayer, SharedLoRA, apply_lora_drop
 from lightning_qlora.adapters.lora_fa import LoRAFAConfig, LoRAFALayer
 from lightning_qlora.adapters.lora_plus import LoRAPlusConfig, LoRAPlusLayer
 from lightning_qlora.adapters.mixture import MixtureLoRAConfig, MixtureLoRALayer
@@ -30,6 +31,8 @@ __all__ = [
     "DoRAConfig",
     "DoRALayer",
     "LoRAConfig",
+    "LoRADropConfig",
+    "LoRADropLayer",
     "LoRAFAConfig",
     "LoRAFALayer",
     "LoRALayer",
@@ -38,11 +41,13 @@ __all__ = [
     "MergeReport",
     "MixtureLoRAConfig",
     "MixtureLoRALayer",
+    "SharedLoRA",
     "VeRAConfig",
     "VeRALayer",
     "adapter_layers",
     "adapter_param_groups",
     "adapter_summary",
+    "apply_lora_drop",
     "config_from_dict",
     "delta_lora_step",
     "export_peft",

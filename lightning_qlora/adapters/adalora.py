@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_qlora.adapters.base import AdapterConfigError, AdapterLayer
+from lightning_qlora.adapters.base import AdapterConfigError, AdapterLayer, check_positive_int
 from lightning_qlora.adapters.lora import check_rank
 
 
@@ -45,8 +45,7 @@ class AdaLoRAConfig:
     method = "adalora"
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise AdapterConfigError(f"adalora: r={self.r!r} must be a positive integer (the initial rank, e.g. 12).")
+        check_positive_int(self.method, "r", self.r, " (the initial rank, e.g. 12)")
         if self.orth_reg_weight < 0:
             raise AdapterConfigError(f"adalora: orth_reg_weight={self.orth_reg_weight!r} must be >= 0.")
 

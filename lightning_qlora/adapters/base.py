@@ -41,6 +41,12 @@ class MergeReport:
     relative_error: float
 
 
+def check_positive_int(method: str, name: str, value: object, hint: str = "") -> None:
+    """Raise :class:`AdapterConfigError` unless ``value`` is a positive ``int`` (bools excluded)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise AdapterConfigError(f"{method}: {name}={value!r} must be a positive integer{hint}.")
+
+
 def base_weight(base: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The base layer's weight as a float tensor ``(out, in)`` (dequantized if 4-bit)."""
     weight = base.weight

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_qlora.adapters.base import AdapterConfigError, base_weight
+from lightning_qlora.adapters.base import base_weight, check_positive_int
 from lightning_qlora.adapters.inject import adapter_layers
 from lightning_qlora.adapters.lora import LoRAConfig, LoRALayer
 from lightning_qlora.quantization.tensor import Quantized4bitTensor, quantize_4bit
@@ -48,8 +48,7 @@ class DeltaLoRAConfig(LoRAConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.fold_every, bool) or not isinstance(self.fold_every, int) or self.fold_every < 1:
-            raise AdapterConfigError(f"delta_lora: fold_every={self.fold_every!r} must be a positive integer.")
+        check_positive_int(self.method, "fold_every", self.fold_every)
 
     def build(self, base: nn.Module) -> DeltaLoRALayer:
         return DeltaLoRALayer(base, self)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_qlora.adapters.base import AdapterConfigError, AdapterLayer
+from lightning_qlora.adapters.base import AdapterConfigError, AdapterLayer, check_positive_int
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,7 @@ class LoRAConfig:
     method = "lora"
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise AdapterConfigError(f"{self.method}: r={self.r!r} must be a positive integer (typical: 4..64).")
+        check_positive_int(self.method, "r", self.r, " (typical: 4..64)")
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterConfigError(f"{self.method}: dropout={self.dropout!r} must be in [0, 1).")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_qlora.adapters.base import AdapterConfigError, AdapterLayer, MergeReport
+from lightning_qlora.adapters.base import AdapterConfigError, AdapterLayer, MergeReport, check_positive_int
 from lightning_qlora.adapters.lora import check_rank
 
 
@@ -46,9 +46,7 @@ class MixtureLoRAConfig:
 
     def __post_init__(self) -> None:
         for name in ("r", "num_experts", "top_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise AdapterConfigError(f"moe_lora: {name}={value!r} must be a positive integer.")
+            check_positive_int(self.method, name, getattr(self, name))
         if self.top_k > self.num_experts:
             raise AdapterConfigError(f"moe_lora: top_k={self.top_k} exceeds num_experts={self.num_experts}.")
 

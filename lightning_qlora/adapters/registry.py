@@ -10,13 +10,14 @@ from lightning_qlora.adapters.base import AdapterConfigError
 from lightning_qlora.adapters.delta_lora import DeltaLoRAConfig
 from lightning_qlora.adapters.dora import DoRAConfig
 from lightning_qlora.adapters.lora import LoRAConfig
+from lightning_qlora.adapters.lora_drop import LoRADropConfig
 from lightning_qlora.adapters.lora_fa import LoRAFAConfig
 from lightning_qlora.adapters.lora_plus import LoRAPlusConfig
 from lightning_qlora.adapters.mixture import MixtureLoRAConfig
 from lightning_qlora.adapters.vera import VeRAConfig
 
 ADAPTER_CONFIGS: dict[str, type] = {
-    cls.method: cls for cls in (LoRAConfig, LoRAPlusConfig, LoRAFAConfig, DoRAConfig, VeRAConfig, AdaLoRAConfig, DeltaLoRAConfig, MixtureLoRAConfig)
+    cls.method: cls for cls in (LoRAConfig, LoRAPlusConfig, LoRAFAConfig, DoRAConfig, VeRAConfig, AdaLoRAConfig, DeltaLoRAConfig, MixtureLoRAConfig, LoRADropConfig)
 }
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_qlora.adapters.base import AdapterConfigError, AdapterLayer
+from lightning_qlora.adapters.base import AdapterLayer, check_positive_int
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,7 @@ class VeRAConfig:
     method = "vera"
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise AdapterConfigError(f"vera: r={self.r!r} must be a positive integer (VeRA typically uses 256).")
+        check_positive_int(self.method, "r", self.r, " (VeRA typically uses 256)")
 
     def build(self, base: nn.Module) -> VeRALayer:
         return VeRALayer(base, self)

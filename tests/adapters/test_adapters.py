@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lightning_qlora.adapters import (
+    LoRADropConfig,
     MixtureLoRAConfig,
     DeltaLoRAConfig,
     AdaLoRAConfig,
@@ -33,6 +34,7 @@ CONFIGS = {
     "adalora": AdaLoRAConfig(r=6, alpha=8),
     "delta_lora": DeltaLoRAConfig(r=4, alpha=8),
     "moe_lora": MixtureLoRAConfig(r=2, alpha=4, num_experts=3, top_k=2),
+    "lora_drop": LoRADropConfig(r=4, alpha=8),
 }
 # Closed forms per adapted layer (in = d, out = k): the table.
 TRAINABLE = {
@@ -44,6 +46,7 @@ TRAINABLE = {
     "adalora": lambda d, k, c: c.r * (d + k + 1),
     "delta_lora": lambda d, k, c: c.r * (d + k),
     "moe_lora": lambda d, k, c: c.num_experts * (c.r * (d + k) + d),
+    "lora_drop": lambda d, k, c: c.r * (d + k),
 }
 # Which adapter parameters receive gradients.
 GRADIENTS = {
@@ -55,6 +58,7 @@ GRADIENTS = {
     "adalora": {"lora_A", "lora_E", "lora_B"},
     "delta_lora": {"lora_A", "lora_B"},
     "moe_lora": {"lora_A", "lora_B", "router"},
+    "lora_drop": {"lora_A", "lora_B"},
 }
 
 

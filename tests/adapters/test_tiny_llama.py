@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_qlora.adapters import (
+    LoRADropConfig,
     MixtureLoRAConfig,
     DeltaLoRAConfig,
     AdaLoRAConfig,
@@ -31,7 +32,7 @@ transformers = pytest.importorskip("transformers")
 CONFIGS = [LoRAConfig(r=8, alpha=16), LoRAPlusConfig(r=8, alpha=16, lr_ratio=4), LoRAFAConfig(r=8, alpha=16),
            DoRAConfig(r=8, alpha=16), VeRAConfig(r=32, d_initial=0.5), AdaLoRAConfig(r=8, alpha=16),
            DeltaLoRAConfig(r=8, alpha=16, delta_scale=1.0, fold_every=10),
-           MixtureLoRAConfig(r=4, alpha=8, num_experts=3, top_k=2)]  # fmt: skip
+           MixtureLoRAConfig(r=4, alpha=8, num_experts=3, top_k=2), LoRADropConfig(r=8, alpha=16)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

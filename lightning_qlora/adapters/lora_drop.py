@@ -1,0 +1,128 @@
+"""LoRA-drop layer state (Zhou et al., https://arxiv.org/abs/2402.07721).
+
+LoRA-drop trains every layer's LoRA briefly, measures each layer's importance as the mean
+``||s B A x||^2`` of its output update, keeps its own adapter only on the most important
+layers, and lets all other ("dropped") layers of the same shape share one adapter.
+
+This module holds the per-layer state; the ``LoRADrop`` callback drives the two stages.
+
+* :class:`LoRADropLayer` -- a LoRA layer with an importance accumulator (on while
+  ``tracking``) and an optional pointer to a :class:`SharedLoRA`;
+* :func:`apply_lora_drop` -- keep the named layers, point every other one at the shared
+  adapter of its shape, registered once on the model as ``lora_drop_shared``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_qlora.adapters.base import AdapterConfigError
+from lightning_qlora.adapters.inject import adapter_layers
+from lightning_qlora.adapters.lora import LoRAConfig, LoRALayer
+
+SHARED_ATTRIBUTE = "lora_drop_shared"
+
+
+@dataclass(frozen=True)
+class LoRADropConfig(LoRAConfig):
+    """LoRA settings for layers that LoRA-drop may later share."""
+
+    method = "lora_drop"
+
+    def build(self, base: nn.Module) -> LoRADropLayer:
+        return LoRADropLayer(base, self)
+
+
+class SharedLoRA(nn.Module):
+    """One ``(A, B)`` pair used by every dropped layer of one shape; starts from ``A``/``B`` given."""
+
+    def __init__(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(lora_A.detach().clone())
+        self.lora_B = nn.Parameter(lora_B.detach().clone())
+
+
+class LoRADropLayer(LoRALayer):
+    """LoRA layer that measures its importance and can delegate to a shared adapter."""
+
+    def __init__(self, base: nn.Module, config: LoRADropConfig) -> None:
+        super().__init__(base, config)
+        self.register_buffer("importance_sum", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("importance_tokens", torch.zeros((), dtype=torch.int64))
+        self.tracking = False
+        self._shared: SharedLoRA | None = None  # not a submodule: the model registers it once
+
+    @property
+    def shared(self) -> SharedLoRA | None:
+        """The shared adapter this layer uses, or ``None`` if it keeps its own."""
+        return self._shared
+
+    def importance(self) -> float:
+        """Mean ``||s B A x||^2`` over the tokens seen while tracking (0 before any)."""
+        tokens = int(self.importance_tokens)
+        return float(self.importance_sum) / tokens if tokens else 0.0
+
+    def reset_importance(self) -> None:
+        self.importance_sum.zero_()
+        self.importance_tokens.zero_()
+
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        source = self._shared if self._shared is not None else self
+        x = self.dropout(x)
+        out = torch.nn.functional.linear(torch.nn.functional.linear(x, source.lora_A.to(x.dtype)), source.lora_B.to(x.dtype))
+        out = out * self.scaling
+        if self.tracking and self.training:
+            with torch.no_grad():
+                norms = out.detach().float().reshape(-1, out.shape[-1]).square().sum(-1)
+                self.importance_sum += norms.double().sum()
+                self.importance_tokens += norms.numel()
+        return out
+
+    def delta_weight(self) -> torch.Tensor:
+        source = self._shared if self._shared is not None else self
+        return (source.lora_B.float() @ source.lora_A.float()) * self.scaling
+
+    def use_shared(self, shared: SharedLoRA) -> None:
+        """Delegate to ``shared``; this layer's own A/B stop training."""
+        if shared.lora_A.shape != self.lora_A.shape or shared.lora_B.shape != self.lora_B.shape:
+            raise AdapterConfigError(
+                f"shared adapter shapes {tuple(shared.lora_A.shape)}/{tuple(shared.lora_B.shape)} do not fit this "
+                f"layer's {tuple(self.lora_A.shape)}/{tuple(self.lora_B.shape)}."
+            )
+        self._shared = shared
+        self.lora_A.requires_grad_(False)
+        self.lora_B.requires_grad_(False)
+
+
+def apply_lora_drop(model: nn.Module, keep: Iterable[str]) -> dict[str, list[str]]:
+    """Keep adapters of ``keep``; every other LoRA-drop layer shares one adapter per shape.
+
+    The shared adapters start from the mean of the dropped layers' A and B (their stage-1
+    training is not thrown away) and are registered on ``model.lora_drop_shared``.
+
+    Returns:
+        ``{"kept": [...], "dropped": [...]}`` layer names.
+    """
+    layers = {n: l for n, l in adapter_layers(model).items() if isinstance(l, LoRADropLayer)}
+    keep = set(keep)
+    unknown = keep - set(layers)
+    if unknown:
+        raise AdapterConfigError(f"layers to keep {sorted(unknown)} are not LoRA-drop layers of this model.")
+    groups: dict[str, list[LoRADropLayer]] = {}
+    for name, layer in layers.items():
+        if name not in keep:
+            groups.setdefault(f"{layer.in_features}x{layer.out_features}", []).append(layer)
+    shared = nn.ModuleDict({
+        shape: SharedLoRA(torch.stack([l.lora_A.detach() for l in group]).mean(0),
+                          torch.stack([l.lora_B.detach() for l in group]).mean(0))
+        for shape, group in groups.items()
+    })  # fmt: skip
+    setattr(model, SHARED_ATTRIBUTE, shared)
+    for shape, group in groups.items():
+        for layer in group:
+            layer.use_shared(shared[shape])
+    return {"kept": sorted(keep), "dropped": sorted(n for n in layers if n not in keep)}
