@@ -15,6 +15,7 @@ from lightning_qlora.adapters.lora import LoRAConfig, LoRALayer
 from lightning_qlora.adapters.lora_drop import LoRADropConfig, LoRADropLayer, SharedLoRA, apply_lora_drop
 from lightning_qlora.adapters.lora_fa import LoRAFAConfig, LoRAFALayer
 from lightning_qlora.adapters.lora_plus import LoRAPlusConfig, LoRAPlusLayer
+from lightning_qlora.adapters.merge import export_merged, merged_state_dict
 from lightning_qlora.adapters.mixture import MixtureLoRAConfig, MixtureLoRALayer
 from lightning_qlora.adapters.registry import ADAPTER_CONFIGS, config_from_dict
 from lightning_qlora.adapters.summary import adapter_summary, trainable_parameter_count
@@ -50,11 +51,13 @@ __all__ = [
     "apply_lora_drop",
     "config_from_dict",
     "delta_lora_step",
+    "export_merged",
     "export_peft",
     "find_targets",
     "import_peft",
     "inject_adapters",
     "load_adapters",
+    "merged_state_dict",
     "save_adapters",
     "trainable_parameter_count",
 ]

@@ -8,13 +8,16 @@ raises :class:`~lightning_qlora.adapters.AdapterConfigError` naming what does no
 
 PEFT's layout (``adapter_config.json`` + ``adapter_model.safetensors`` with keys
 ``base_model.model.<layer>.lora_A.weight``...) is written for LoRA, LoRA+, LoRA-FA and DoRA,
-which PEFT represents as LoRA (``use_dora`` for DoRA), and for AdaLoRA (pruned ranks are
-exported as zero singular values, which gives the same outputs).
+which PEFT represents as LoRA (``use_dora`` for DoRA), for AdaLoRA (pruned ranks are
+exported as zero singular values, which gives the same outputs) and for VeRA (with the
+projections saved; our per-layer ``1/sqrt(in)`` scale is folded into ``lambda_d``).
+Import covers PEFT's LoRA/DoRA and AdaLoRA.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from lightning_qlora.adapters.dora import DoRALayer
 from lightning_qlora.adapters.inject import adapter_layers, inject_adapters
 from lightning_qlora.adapters.lora import LoRAConfig, LoRALayer
 from lightning_qlora.adapters.registry import config_from_dict, config_to_dict
+from lightning_qlora.adapters.vera import VeRALayer, global_projections
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter.json", "adapter.safetensors"
 PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -136,16 +140,38 @@ def _export_adalora(layers: dict[str, AdaLoRALayer], directory: Path) -> None:
     (directory / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2))
 
 
+def _export_vera(layers: dict[str, VeRALayer], directory: Path) -> None:
+    config = next(iter(layers.values())).config
+    max_in = max(layer.in_features for layer in layers.values())
+    max_out = max(layer.out_features for layer in layers.values())
+    vera_a, vera_b = global_projections(config.seed, config.r, max_in, max_out)
+    tensors = {"base_model.vera_A": vera_a, "base_model.vera_B": vera_b}
+    for name, layer in layers.items():
+        prefix = f"base_model.model.{name}"
+        tensors[f"{prefix}.vera_lambda_b"] = layer.lambda_b.detach().contiguous()
+        # our A is the global slice scaled by 1/sqrt(in); PEFT's is the bare slice
+        tensors[f"{prefix}.vera_lambda_d"] = (layer.lambda_d.detach() / math.sqrt(layer.in_features)).contiguous()
+    save_file(tensors, directory / PEFT_WEIGHTS_FILE)
+    peft_config = {
+        "peft_type": "VERA", "task_type": None, "r": config.r, "projection_prng_key": config.seed,
+        "save_projection": True, "vera_dropout": config.dropout, "d_initial": config.d_initial,
+        "target_modules": sorted(layers), "bias": "none", "fan_in_fan_out": False, "init_weights": True,
+        "modules_to_save": None, "base_model_name_or_path": None,
+    }  # fmt: skip
+    (directory / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2))
+
+
 def export_peft(model: nn.Module, directory: str | Path) -> Path:
     """Write the model's adapters in PEFT's layout (``PeftModel.from_pretrained`` loads it)."""
     layers = adapter_layers(model)
     directory = Path(directory)
-    if layers and all(isinstance(layer, AdaLoRALayer) for layer in layers.values()):
-        directory.mkdir(parents=True, exist_ok=True)
-        _export_adalora(layers, directory)
-        return directory
+    for layer_type, exporter in ((AdaLoRALayer, _export_adalora), (VeRALayer, _export_vera)):
+        if layers and all(isinstance(layer, layer_type) for layer in layers.values()):
+            directory.mkdir(parents=True, exist_ok=True)
+            exporter(layers, directory)
+            return directory
     if not layers or not all(isinstance(layer, LoRALayer) for layer in layers.values()):
-        raise AdapterConfigError("PEFT export covers LoRA, LoRA+, LoRA-FA, DoRA and AdaLoRA adapters.")
+        raise AdapterConfigError("PEFT export covers LoRA, LoRA+, LoRA-FA, DoRA, AdaLoRA and VeRA adapters.")
     config = next(iter(layers.values())).config
     tensors = {}
     for name, layer in layers.items():

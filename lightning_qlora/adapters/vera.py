@@ -4,7 +4,9 @@
 shared by every adapted layer of the same shape, and trainable scaling vectors
 ``lambda_d (r,)`` (init ``d_initial``) and ``lambda_b (out,)`` (init 0, so a fresh adapter
 changes nothing). ``A`` and ``B`` are regenerated from ``seed`` and the shape, so they are
-not saved. Trainable parameters per layer: ``r + out``.
+not saved; every shape's pair is a slice of one global pair (up to the per-layer
+``1/sqrt(in)`` scale, which exports fold into ``lambda_d``), so PEFT's layout can hold them.
+Trainable parameters per layer: ``r + out``.
 """
 
 from __future__ import annotations
@@ -42,22 +44,35 @@ class VeRAConfig:
         return VeRALayer(base, self)
 
 
-_SHARED: dict[tuple[int, int, int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+_STREAMS: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _uniform_prefix(seed: int, rows: int, r: int) -> torch.Tensor:
+    """``(rows, r)`` draws of U(-1, 1) from ``seed``; a longer request extends a shorter one."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(rows, r, generator=generator) * 2 - 1
 
 
 def shared_projections(seed: int, r: int, in_features: int, out_features: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen ``(A, B)`` pair for this seed, rank and shape (the same tensors for every layer).
+    """The frozen ``(A, B)`` pair for this seed, rank and shape (the same tensors for every layer of it).
 
-    Kaiming-uniform (bound ``1 / sqrt(fan_in)``) from a CPU generator seeded with
-    ``seed * 1_000_003 + in * 65_537 + out``, so it is reproducible anywhere.
+    Both come from prefix-stable streams -- ``A^T`` is the first ``in`` rows of one
+    ``(n, r)`` uniform stream, ``B`` the first ``out`` rows of another -- so every shape's
+    pair is a slice of one global pair (what PEFT stores), scaled Kaiming-style:
+    ``A = U(-1, 1) / sqrt(in)``, ``B = U(-1, 1) / sqrt(r)``.
     """
-    key = (seed, r, in_features, out_features, str(device))
-    if key not in _SHARED:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + in_features * 65_537 + out_features)
-        a = (torch.rand(r, in_features, generator=generator) * 2 - 1) / math.sqrt(in_features)
-        b = (torch.rand(out_features, r, generator=generator) * 2 - 1) / math.sqrt(r)
-        _SHARED[key] = (a.to(device), b.to(device))
-    return _SHARED[key]
+    key = (seed, r, in_features, out_features)
+    if key not in _STREAMS:
+        a = _uniform_prefix(2 * seed, in_features, r).T / math.sqrt(in_features)
+        b = _uniform_prefix(2 * seed + 1, out_features, r) / math.sqrt(r)
+        _STREAMS[key] = (a.contiguous(), b.contiguous())
+    a, b = _STREAMS[key]
+    return a.to(device), b.to(device)
+
+
+def global_projections(seed: int, r: int, max_in: int, max_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscaled ``A_g (r, max_in)`` and scaled ``B_g (max_out, r)``: layer ``A = A_g[:, :in] / sqrt(in)``, ``B = B_g[:out]``."""
+    return _uniform_prefix(2 * seed, max_in, r).T.contiguous(), _uniform_prefix(2 * seed + 1, max_out, r) / math.sqrt(r)
 
 
 class VeRALayer(AdapterLayer):

@@ -89,3 +89,24 @@ def test_method_trains_merges_and_round_trips(tiny_llama, config, tmp_path):
         assert torch.equal(model(input_ids=batch).logits, logits)
     # merging into 4-bit requantizes: close to, not equal to, the unmerged model
     assert (merged.softmax(-1) - logits.softmax(-1)).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("config", [LoRAConfig(r=8, alpha=16), DoRAConfig(r=8, alpha=16)], ids=lambda c: c.method)
+def test_lossless_merged_export_loads_into_the_float_architecture(tiny_llama, config, tmp_path):
+    from safetensors.torch import load_file
+
+    from lightning_qlora.adapters import export_merged
+
+    model = copy.deepcopy(tiny_llama)
+    inject_adapters(model, config, "all-linear")
+    for layer in adapter_layers(model).values():
+        for p in layer.trainable_parameters():
+            p.data.add_(torch.randn_like(p) * 0.02)
+    export_merged(model, tmp_path / "merged.safetensors")
+    torch.manual_seed(1)
+    fresh = transformers.LlamaForCausalLM(tiny_llama.config).eval()
+    missing, unexpected = fresh.load_state_dict(load_file(tmp_path / "merged.safetensors"), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embeddings
+    batch = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(fresh(input_ids=batch).logits, model(input_ids=batch).logits, atol=1e-4)
