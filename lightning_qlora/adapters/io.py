@@ -11,7 +11,7 @@ PEFT's layout (``adapter_config.json`` + ``adapter_model.safetensors`` with keys
 which PEFT represents as LoRA (``use_dora`` for DoRA), for AdaLoRA (pruned ranks are
 exported as zero singular values, which gives the same outputs) and for VeRA (with the
 projections saved; our per-layer ``1/sqrt(in)`` scale is folded into ``lambda_d``).
-Import covers PEFT's LoRA/DoRA and AdaLoRA.
+Import covers PEFT's LoRA/DoRA, AdaLoRA and VeRA (saved with its projections, which we then keep).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from lightning_qlora.adapters.dora import DoRALayer
 from lightning_qlora.adapters.inject import adapter_layers, inject_adapters
 from lightning_qlora.adapters.lora import LoRAConfig, LoRALayer
 from lightning_qlora.adapters.registry import config_from_dict, config_to_dict
-from lightning_qlora.adapters.vera import VeRALayer, global_projections
+from lightning_qlora.adapters.vera import VeRAConfig, VeRALayer, global_projections
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter.json", "adapter.safetensors"
 PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -86,6 +86,10 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    layers = adapter_layers(model)
+    for name, layer in layers.items():  # VeRA adapters saved with explicit (e.g. PEFT's) projections
+        if isinstance(layer, VeRALayer) and f"{name}.vera_A" in tensors and f"{name}.vera_B" in tensors:
+            layer.use_projections(tensors[f"{name}.vera_A"], tensors[f"{name}.vera_B"])
     own = adapter_state_dict(model)
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
@@ -97,7 +101,6 @@ def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
                 f"adapter tensor {key!r} has shape {tuple(value.shape)} but this model needs {tuple(own[key].shape)}; "
                 "was it trained on another model or rank?"
             )
-    layers = adapter_layers(model)
     with torch.no_grad():
         for key, value in tensors.items():
             name, _, param = key.rpartition(".")
@@ -192,6 +195,25 @@ def export_peft(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
+def _import_vera(model: nn.Module, meta: dict[str, Any], raw: dict[str, torch.Tensor], exclude: tuple[str, ...]) -> list[str]:
+    if "base_model.vera_A" not in raw:
+        raise AdapterConfigError("this PEFT VeRA adapter was saved without its projections (save_projection=False).")
+    config = VeRAConfig(r=int(meta["r"]), d_initial=float(meta.get("d_initial", 0.1)),
+                        seed=int(meta.get("projection_prng_key", 0)), dropout=float(meta.get("vera_dropout", 0.0)))  # fmt: skip
+    vera_a, vera_b = raw.pop("base_model.vera_A"), raw.pop("base_model.vera_B")
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        name = key.removeprefix("base_model.model.")
+        tensors[name.replace(".vera_lambda_b", ".lambda_b").replace(".vera_lambda_d", ".lambda_d")] = value
+    targets = sorted({k.rpartition(".")[0] for k in tensors})
+    inject_adapters(model, config, targets, exclude=exclude)
+    for name, layer in adapter_layers(model).items():
+        tensors[f"{name}.vera_A"] = vera_a[:, : layer.in_features]
+        tensors[f"{name}.vera_B"] = vera_b[: layer.out_features]
+    _load_into(model, tensors)
+    return targets
+
+
 def import_peft(model: nn.Module, directory: str | Path, exclude: tuple[str, ...] = ()) -> list[str]:
     """Inject and load a PEFT LoRA/DoRA adapter directory into ``model``."""
     from lightning_qlora.adapters.dora import DoRAConfig
@@ -203,6 +225,8 @@ def import_peft(model: nn.Module, directory: str | Path, exclude: tuple[str, ...
         cls = DoRAConfig if meta.get("use_dora") else LoRAConfig
         config = cls(r=int(meta["r"]), alpha=float(meta["lora_alpha"]), dropout=float(meta.get("lora_dropout", 0.0)),
                      rslora=bool(meta.get("use_rslora", False)))  # fmt: skip
+    elif peft_type == "VERA":
+        return _import_vera(model, meta, _read_weights(directory / PEFT_WEIGHTS_FILE), exclude)
     elif peft_type == "ADALORA" and not meta.get("rank_pattern"):
         config = AdaLoRAConfig(r=int(meta["init_r"]), alpha=float(meta["lora_alpha"]),
                                dropout=float(meta.get("lora_dropout", 0.0)),
@@ -210,7 +234,7 @@ def import_peft(model: nn.Module, directory: str | Path, exclude: tuple[str, ...
     else:
         raise AdapterConfigError(
             f"PEFT adapter type {peft_type!r} (rank_pattern={bool(meta.get('rank_pattern'))}) cannot be imported; "
-            "supported: LORA (incl. DoRA) and unpruned-layout ADALORA."
+            "supported: LORA (incl. DoRA), VERA and unpruned-layout ADALORA."
         )
     raw = _read_weights(directory / PEFT_WEIGHTS_FILE)
     tensors: dict[str, torch.Tensor] = {}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_qlora.adapters.base import AdapterLayer, check_positive_int
+from lightning_qlora.adapters.base import AdapterConfigError, AdapterLayer, check_positive_int
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,18 @@ class VeRALayer(AdapterLayer):
         self.lambda_d = nn.Parameter(torch.full((config.r,), float(config.d_initial), device=device))
         self.lambda_b = nn.Parameter(torch.zeros(self.out_features, device=device))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    @torch.no_grad()
+    def use_projections(self, vera_A: torch.Tensor, vera_B: torch.Tensor) -> None:
+        """Replace the seeded projections by given ones (e.g. PEFT's), which are then saved with the adapter."""
+        if vera_A.shape != self.vera_A.shape or vera_B.shape != self.vera_B.shape:
+            raise AdapterConfigError(
+                f"VeRA projections of shapes {tuple(vera_A.shape)}/{tuple(vera_B.shape)} do not fit this layer's "
+                f"{tuple(self.vera_A.shape)}/{tuple(self.vera_B.shape)}."
+            )
+        self.vera_A = vera_A.detach().clone().to(self.vera_A.device)
+        self.vera_B = vera_B.detach().clone().to(self.vera_B.device)
+        self._non_persistent_buffers_set.difference_update({"vera_A", "vera_B"})
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         projected = torch.nn.functional.linear(self.dropout(x), self.vera_A.to(x.dtype)) * self.lambda_d.to(x.dtype)

@@ -65,8 +65,6 @@ def test_exports_to_peft_and_peft_reproduces_our_outputs(two_proj, tmp_path, con
     x = torch.randn(5, 128)
     with torch.no_grad():
         assert torch.allclose(theirs(x), ours(x), atol=1e-5)
-    if config.method == "vera":  # import covers LoRA/DoRA/AdaLoRA
-        return
     back = copy.deepcopy(two_proj)
     import_peft(back, tmp_path)
     with torch.no_grad():
@@ -113,3 +111,22 @@ def test_damaged_adapter_files(two_proj, tmp_path):
     (tmp_path / "adapter.json").write_text(json.dumps(meta))
     with pytest.raises(AdapterConfigError, match=r"unknown config field\(s\) \['rank_typo'\]"):
         load_adapters(copy.deepcopy(two_proj), tmp_path)
+
+
+def test_peft_vera_imports_and_survives_our_save_load(two_proj, tmp_path):
+    theirs = peft.get_peft_model(copy.deepcopy(two_proj), peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"],
+                                                                          save_projection=True))  # fmt: skip
+    with torch.no_grad():
+        for name in ("q_proj", "v_proj"):
+            theirs.base_model.model.get_submodule(name).vera_lambda_b["default"].normal_()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = copy.deepcopy(two_proj)
+    import_peft(ours, tmp_path / "peft")
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+    save_adapters(ours, tmp_path / "ours")
+    again = copy.deepcopy(two_proj)
+    load_adapters(again, tmp_path / "ours")
+    with torch.no_grad():
+        assert torch.equal(again(x), ours(x))
