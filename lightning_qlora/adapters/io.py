@@ -1,7 +1,7 @@
 """Save and load adapters on their own, and exchange them with PEFT.
 
 Our format (a directory): ``adapter.safetensors`` (the adapters' own tensors, keyed
-``<layer>.<param>``) and ``adapter.json`` (``{"format": "lightning_qlora", "config": {...},
+``<layer>.<param>``; for Delta-LoRA also the base layers it moved) and ``adapter.json`` (``{"format": "lightning_qlora", "config": {...},
 "targets": [...]}``). Frozen random tensors that are regenerated from a seed (VeRA's
 projections) are not saved. Loading checks the method, the targets and every shape, and
 raises :class:`~lightning_qlora.adapters.AdapterConfigError` naming what does not fit.
@@ -28,6 +28,7 @@ from torch import nn
 
 from lightning_qlora.adapters.adalora import AdaLoRAConfig, AdaLoRALayer
 from lightning_qlora.adapters.base import AdapterConfigError
+from lightning_qlora.adapters.delta_lora import DeltaLoRALayer
 from lightning_qlora.adapters.dora import DoRALayer
 from lightning_qlora.adapters.inject import adapter_layers, inject_adapters
 from lightning_qlora.adapters.lora import LoRAConfig, LoRALayer
@@ -39,11 +40,16 @@ PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safe
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' own tensors (not their base layers), keyed ``<layer>.<param>``."""
+    """The adapters' own tensors, keyed ``<layer>.<param>``.
+
+    Base layers are left out -- except under Delta-LoRA, which moves its base weights: there
+    the adapted base layers (4-bit ones in bitsandbytes' keys) belong to the adapter.
+    """
     out = {}
     for name, layer in adapter_layers(model).items():
+        keep_base = isinstance(layer, DeltaLoRALayer)
         for key, value in layer.state_dict().items():
-            if not key.startswith("base."):
+            if keep_base or not key.startswith("base."):
                 out[f"{name}.{key}"] = value.detach().contiguous()
     return out
 
@@ -56,11 +62,6 @@ def save_adapters(model: nn.Module, directory: str | Path) -> Path:
     configs = {config_to_dict(layer.config)["method"]: layer.config for layer in layers.values()}
     if len(configs) != 1:
         raise AdapterConfigError(f"save_adapters stores one method per directory, found {sorted(configs)}.")
-    if "delta_lora" in configs:
-        raise AdapterConfigError(
-            "Delta-LoRA also changes the base weights, so its adapter alone does not reproduce the model: "
-            "save the full model state_dict (its 4-bit weights save in bitsandbytes format) instead."
-        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state_dict(model), directory / WEIGHTS_FILE)
@@ -96,15 +97,15 @@ def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     if missing or unexpected:
         raise AdapterConfigError(f"adapter weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}.")
     for key, value in tensors.items():
-        if value.shape != own[key].shape:
+        if value.shape != own[key].shape and ".quant_state." not in key:  # that one is a JSON byte string
             raise AdapterConfigError(
                 f"adapter tensor {key!r} has shape {tuple(value.shape)} but this model needs {tuple(own[key].shape)}; "
                 "was it trained on another model or rank?"
             )
     with torch.no_grad():
-        for key, value in tensors.items():
-            name, _, param = key.rpartition(".")
-            getattr(layers[name], param).copy_(value)
+        for name, layer in layers.items():
+            prefix = name + "."
+            layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=False)
 
 
 def load_adapters(model: nn.Module, directory: str | Path, expected_method: str | None = None) -> list[str]:

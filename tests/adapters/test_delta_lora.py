@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from torch import nn
 
-from lightning_qlora.adapters import AdapterConfigError, DeltaLoRAConfig, adapter_layers, delta_lora_step, inject_adapters, save_adapters
+from lightning_qlora.adapters import DeltaLoRAConfig, adapter_layers, delta_lora_step, inject_adapters, save_adapters
 from lightning_qlora.quantization import Linear4bit, quantize_4bit
 
 
@@ -58,8 +57,22 @@ def test_nf4_fold_is_unbiased_and_pending_update_is_applied_between_folds():
     assert (requantized - before - update).abs().mean() > 0.5 * update.abs().mean()  # nearest loses most of it
 
 
-def test_saving_delta_lora_adapters_alone_is_refused(tmp_path):
-    model = nn.Sequential(nn.Linear(8, 8))
-    inject_adapters(model, DeltaLoRAConfig(r=2), "all-linear")
-    with pytest.raises(AdapterConfigError, match="changes the base weights"):
-        save_adapters(model, tmp_path)
+def test_saved_delta_lora_adapter_carries_the_moved_base(tmp_path):
+    from lightning_qlora.adapters import load_adapters
+    from lightning_qlora.quantization.convert import quantize_linears
+
+    torch.manual_seed(0)
+    fresh = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    quantize_linears(fresh, skip=())
+    model = copy.deepcopy(fresh)
+    inject_adapters(model, DeltaLoRAConfig(r=2, fold_every=1), "all-linear")
+    layer = adapter_layers(model)["0"]
+    layer.lora_B.data.normal_(std=0.05)
+    delta_lora_step(model)
+    save_adapters(model, tmp_path)
+    restored = copy.deepcopy(fresh)
+    load_adapters(restored, tmp_path)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(restored(x), model(x))
+    assert torch.equal(adapter_layers(restored)["0"].base.weight.packed, layer.base.weight.packed)
