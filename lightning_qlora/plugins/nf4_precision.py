@@ -1,0 +1,119 @@
+"""``NF4Precision``: the Lightning precision plugin for QLoRA, on CPU and CUDA.
+
+``Trainer(plugins=[NF4Precision(mode="nf4-dq", adapter=LoRAConfig(r=16))])`` quantizes the
+LightningModule's Linear layers to 4 bits (layer by layer), puts adapters on them and freezes
+everything else before the optimizers are built; inputs and the forward run in the compute
+dtype. Unlike Lightning's ``BitsandbytesPrecision`` it runs on CPUs. The work is done by
+:func:`lightning_qlora.qlora.apply_qlora`; the plugin only overrides Lightning hooks.
+
+To resume from a checkpoint, call :func:`convert_before_checkpoint_restore` in the module's
+``on_load_checkpoint`` (Lightning restores weights before it converts the model).
+
+Your ``configure_optimizers`` should optimize the trainable parameters, e.g.
+``torch.optim.AdamW(lightning_qlora.adapters.adapter_param_groups(self, lr))`` (this also
+gives LoRA+ its faster B).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.precision import Precision as FabricPrecision
+from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.pytorch.plugins.precision import Precision
+from torch import nn
+from typing_extensions import override
+
+from lightning_qlora.adapters import adapter_layers
+from lightning_qlora.qlora import QLoRASpec, apply_qlora, resolve_compute_dtype
+
+
+class _DefaultDtype(AbstractContextManager):
+    """Temporarily sets torch's default float dtype (models built inside get that dtype)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self._dtype, self._previous = dtype, torch.get_default_dtype()
+
+    def __enter__(self) -> None:
+        self._previous = torch.get_default_dtype()
+        torch.set_default_dtype(self._dtype)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_default_dtype(self._previous)
+
+
+class FabricNF4Precision(FabricPrecision):
+    """QLoRA precision for ``lightning.Fabric`` (the Trainer uses :class:`NF4Precision`).
+
+    Args:
+        mode: ``"nf4"``, ``"nf4-dq"`` (default), ``"fp4"``, ``"fp4-dq"`` or ``"none"``.
+        blocksize: quantization block size (32..4096, default 64).
+        compute_dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPUs without fast bf16), ``"fp32"``, ``"bf16"``, ``"fp16"``.
+        adapter: adapter config (default ``LoRAConfig(r=16, alpha=32)``).
+        target_modules: Linear layers to adapt (default ``"all-linear"``).
+        skip_modules: layers left in float and without adapters (default ``("lm_head",)``).
+    """
+
+    def __init__(
+        self,
+        mode: str = "nf4-dq",
+        blocksize: int = 64,
+        compute_dtype: str | torch.dtype = "auto",
+        adapter: Any = None,
+        target_modules: str | Sequence[str] = "all-linear",
+        skip_modules: Sequence[str] = ("lm_head",),
+    ) -> None:
+        super().__init__()
+        extra = {"adapter": adapter} if adapter is not None else {}
+        self.spec = QLoRASpec(mode=mode, blocksize=blocksize, target_modules=target_modules,
+                              skip_modules=tuple(skip_modules), **extra)  # fmt: skip
+        self.compute_dtype = resolve_compute_dtype(compute_dtype)
+
+    @override
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        if not adapter_layers(module):  # converted already (see convert_before_checkpoint_restore)
+            apply_qlora(module, self.spec)
+        return module
+
+    @override
+    def module_init_context(self) -> AbstractContextManager:
+        return _DefaultDtype(self.compute_dtype) if self.compute_dtype != torch.float32 else contextlib.nullcontext()
+
+    @override
+    def forward_context(self) -> AbstractContextManager:
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.autocast(device_type, dtype=self.compute_dtype)
+
+    @override
+    def convert_input(self, data: Any) -> Any:
+        return apply_to_collection(data, torch.Tensor, _cast_floating, self.compute_dtype)
+
+
+def _cast_floating(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+class NF4Precision(Precision, FabricNF4Precision):
+    """QLoRA precision for ``lightning.Trainer`` (see :class:`FabricNF4Precision` for the arguments)."""
+
+
+def convert_before_checkpoint_restore(pl_module: Any) -> None:
+    """Convert ``pl_module`` now if its Trainer uses :class:`NF4Precision` (idempotent).
+
+    Lightning restores a checkpoint's model weights *before* the strategy calls
+    ``convert_module``, so a checkpoint holding 4-bit weights and adapters would meet a float
+    model. Call this first thing in ``LightningModule.on_load_checkpoint``::
+
+        def on_load_checkpoint(self, checkpoint):
+            convert_before_checkpoint_restore(self)
+    """
+    trainer = getattr(pl_module, "_trainer", None)
+    plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
+    if isinstance(plugin, FabricNF4Precision):
+        plugin.convert_module(pl_module)

@@ -1,0 +1,112 @@
+"""NF4Precision turns a stock Trainer into a QLoRA trainer on CPU."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_qlora.adapters import AdapterConfigError, LoRAConfig, adapter_layers, adapter_param_groups
+from lightning_qlora.plugins import NF4Precision, convert_before_checkpoint_restore
+from lightning_qlora.qlora import QLoRAConfigError, QLoRASpec, apply_qlora, resolve_compute_dtype
+from lightning_qlora.quantization import Linear4bit
+
+transformers = pytest.importorskip("transformers")
+
+
+class TinyLlamaModule(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+        self.model = transformers.LlamaForCausalLM(config)
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        loss = self.model(input_ids=ids, labels=ids).loss
+        self.losses.append(loss.item())
+        return loss
+
+    def on_load_checkpoint(self, checkpoint):
+        convert_before_checkpoint_restore(self)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(adapter_param_groups(self, lr=1e-2))
+
+    def train_dataloader(self):
+        ids = torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(0))
+        return DataLoader(TensorDataset(ids), batch_size=4)
+
+
+def _trainer(**kwargs) -> L.Trainer:
+    kwargs = {"max_steps": 30, "enable_checkpointing": False, **kwargs}
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     **kwargs)  # fmt: skip
+
+
+def test_stock_trainer_fine_tunes_a_tiny_llama_with_nf4_dq():
+    module = TinyLlamaModule()
+    snapshot: dict[str, torch.Tensor] = {}
+
+    class Snapshot(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            snapshot.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    trainer = _trainer(plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=LoRAConfig(r=8, alpha=16))],
+                       callbacks=[Snapshot()])  # fmt: skip
+    trainer.fit(module)
+
+    assert sum(module.losses[-5:]) < 0.9 * sum(module.losses[:5])  # measured: 4.59 -> 3.70
+    layers = adapter_layers(module)
+    assert len(layers) == 14 and all(isinstance(layer.base, Linear4bit) for layer in layers.values())
+    after = module.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], snapshot[k])}
+    assert changed and all(k.endswith(("lora_A", "lora_B")) for k in changed)  # base bit-identical, embeddings too
+
+
+def test_plugin_bad_input_is_typed_and_named():
+    with pytest.raises(QLoRAConfigError, match="mode='nf3'.*nf4-dq"):
+        NF4Precision(mode="nf3")
+    with pytest.raises(QLoRAConfigError, match="compute_dtype='fp8'"):
+        NF4Precision(compute_dtype="fp8")
+    with pytest.raises(QLoRAConfigError, match="no nn.Linear"):
+        apply_qlora(torch.nn.Sequential(torch.nn.ReLU()), QLoRASpec())
+    with pytest.raises(AdapterConfigError, match="r=512 exceeds"):
+        apply_qlora(TinyLlamaModule(), QLoRASpec(adapter=LoRAConfig(r=512)))
+    with pytest.raises(QLoRAConfigError, match="not an adapter config"):
+        QLoRASpec(adapter={"r": 8})
+
+
+def test_auto_compute_dtype_follows_the_hardware(monkeypatch):
+    monkeypatch.setattr("lightning_qlora.qlora.cpu_has_fast_bf16", lambda: False)
+    assert resolve_compute_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr("lightning_qlora.qlora.cpu_has_fast_bf16", lambda: True)
+    assert resolve_compute_dtype("auto", "cpu") == torch.bfloat16
+    assert resolve_compute_dtype("auto", "cuda") == torch.bfloat16
+
+
+def _adapter_weights(module: L.LightningModule) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items() if k.endswith(("lora_A", "lora_B"))}
+
+
+def test_resume_from_step_10_matches_the_uninterrupted_run(tmp_path):
+    plugin = dict(mode="nf4-dq", compute_dtype="fp32", adapter=LoRAConfig(r=4, alpha=8))
+    full = TinyLlamaModule()
+    L.seed_everything(0)
+    _trainer(max_steps=20, plugins=[NF4Precision(**plugin)]).fit(full)
+
+    first = TinyLlamaModule()
+    L.seed_everything(0)
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=10)
+    L.Trainer(accelerator="cpu", devices=1, max_steps=10, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[checkpoints], plugins=[NF4Precision(**plugin)]).fit(first)  # fmt: skip
+    resumed = TinyLlamaModule()
+    L.seed_everything(0)
+    _trainer(max_steps=20, plugins=[NF4Precision(**plugin)]).fit(resumed, ckpt_path=checkpoints.last_model_path or
+                                                                   str(next(tmp_path.glob("*.ckpt"))))  # fmt: skip
+    expected, actual = _adapter_weights(full), _adapter_weights(resumed)
+    assert expected.keys() == actual.keys() and len(expected) == 28
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
