@@ -110,3 +110,22 @@ def test_resume_from_step_10_matches_the_uninterrupted_run(tmp_path):
     expected, actual = _adapter_weights(full), _adapter_weights(resumed)
     assert expected.keys() == actual.keys() and len(expected) == 28
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_fabric_plugin_converts_and_trains():
+    from lightning_qlora.plugins import FabricNF4Precision
+
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=[FabricNF4Precision(mode="fp4", compute_dtype="fp32",
+                                                                                 adapter=LoRAConfig(r=4))])  # fmt: skip
+    model = fabric.setup_module(TinyLlamaModule().model)  # convert first, then build the optimizer
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(adapter_param_groups(model, lr=1e-2)))
+    ids = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(15):
+        loss = model(input_ids=ids, labels=ids).loss
+        fabric.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+    assert all(layer.base.weight.quant_type == "fp4" for layer in adapter_layers(model).values())
