@@ -30,6 +30,7 @@ from typing_extensions import override
 
 from lightning_qlora.adapters import adapter_layers
 from lightning_qlora.qlora import QLoRASpec, apply_qlora, resolve_compute_dtype
+from lightning_qlora.quantization.tensor import Quantized4bitTensor
 
 
 class _DefaultDtype(AbstractContextManager):
@@ -76,7 +77,9 @@ class FabricNF4Precision(FabricPrecision):
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
         if not adapter_layers(module):  # converted already (see convert_before_checkpoint_restore)
+            _broadcast_from_rank_zero(module)
             apply_qlora(module, self.spec)
+            _hide_frozen_4bit_weights_from_ddp(module)
         return module
 
     @override
@@ -93,6 +96,27 @@ class FabricNF4Precision(FabricPrecision):
     @override
     def convert_input(self, data: Any) -> Any:
         return apply_to_collection(data, torch.Tensor, _cast_floating, self.compute_dtype)
+
+
+def _broadcast_from_rank_zero(module: nn.Module) -> None:
+    """Under torch.distributed, give every rank rank 0's float weights before quantizing.
+
+    Quantization is deterministic, so identical float weights give identical 4-bit codes on
+    every rank; the 4-bit weights then need no synchronization (see below).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            torch.distributed.broadcast(tensor.data, src=0)
+
+
+def _hide_frozen_4bit_weights_from_ddp(module: nn.Module) -> None:
+    """DDP broadcasts every parameter at wrap time; frozen 4-bit weights are equal already and
+    cannot be flattened into its buckets, so they go on DDP's documented ignore list."""
+    ignored = [name for name, p in module.named_parameters() if isinstance(p, Quantized4bitTensor)]
+    existing = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
+    module._ddp_params_and_buffers_to_ignore = existing + [n for n in ignored if n not in existing]
 
 
 def _cast_floating(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
