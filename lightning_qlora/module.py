@@ -51,7 +51,7 @@ class QLoRAModule(L.LightningModule):
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch.get("labels", batch["input_ids"])
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)
-        extra = sum((layer.extra_loss() for layer in adapter_layers(self.model).values()), torch.zeros(()))
+        extra = sum((layer.extra_loss() for layer in adapter_layers(self.model).values()), out.loss.new_zeros(()))
         return out.loss, extra
 
     @override
