@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_qlora.ops import reference, schemas
+from lightning_qlora.ops import _extension, reference, schemas
 from lightning_qlora.ops.schemas import NAMESPACE, num_blocks, qualified_name
 
 #: Names of every op we declare.
@@ -21,4 +21,6 @@ def op(name: str) -> torch._ops.OpOverload:
     return getattr(getattr(torch.ops, NAMESPACE), name).default
 
 
-__all__ = ["NAMESPACE", "OP_NAMES", "num_blocks", "op", "qualified_name", "reference", "schemas"]
+from lightning_qlora.ops._extension import backend
+
+__all__ = ["NAMESPACE", "backend", "OP_NAMES", "num_blocks", "op", "qualified_name", "reference", "schemas"]

@@ -1,0 +1,22 @@
+// CPU kernels on raw pointers (no torch headers): the bindings validate and dispatch.
+#pragma once
+
+#include <stdint.h>
+
+#include "lightning_qlora/element.h"
+
+namespace lightning_qlora {
+namespace cpu {
+
+enum class FloatType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Blockwise 4-bit quantization of n elements; packed holds ceil(n/2) bytes, absmax ceil(n/blocksize).
+void quantize_4bit(const void* input, FloatType type, int64_t n, const Codebook4& book, int64_t blocksize,
+                   bool stochastic, uint64_t seed, uint8_t* packed, float* absmax);
+
+// codebook[q] * absmax[block] for n elements, written as `type`.
+void dequantize_4bit(const uint8_t* packed, const float* absmax, const float* codebook, int64_t n,
+                     int64_t blocksize, FloatType type, void* output);
+
+}  // namespace cpu
+}  // namespace lightning_qlora

@@ -1,0 +1,86 @@
+"""The compiled C++ kernels (``csrc/``): built on first use, cached, never breaking import.
+
+The CPU kernels for ``quantize_4bit`` and ``dequantize_4bit`` are registered at import as
+thin Python kernels. The first call compiles ``csrc/cpu`` with
+``torch.utils.cpp_extension.load`` (ninja, about a minute; cached in the torch extensions
+directory, ``$TORCH_EXTENSIONS_DIR``, so later processes load it in a second). If the build
+fails, or ``csrc/`` is absent (a wheel without sources), one warning is issued and the
+pure-PyTorch reference kernels keep running. ``LIGHTNING_QLORA_FORCE_REFERENCE=1`` skips the
+extension entirely (debugging, and testing the reference path).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_qlora.errors import BLOCK_SIZES_4BIT, check_block_size, check_float_dtype, check_output_dtype
+from lightning_qlora.ops import reference
+from lightning_qlora.ops.schemas import check_codebook, check_dequantize_4bit_args, qualified_name
+
+FORCE_REFERENCE_ENV = "LIGHTNING_QLORA_FORCE_REFERENCE"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+
+def _force_reference() -> bool:
+    return os.environ.get(FORCE_REFERENCE_ENV, "") not in ("", "0")
+
+
+@functools.cache
+def cpu_extension() -> Any | None:
+    """The compiled CPU module, or ``None`` (with one warning) if it cannot be built."""
+    sources = [CSRC / "cpu" / "kernels.cpp", CSRC / "cpu" / "bindings.cpp"]
+    if not all(path.is_file() for path in sources):
+        warnings.warn(f"lightning_qlora: C++ sources not found under {CSRC}; using the reference kernels.", stacklevel=2)
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="lightning_qlora_cpu",
+            sources=[str(path) for path in sources],
+            extra_include_paths=[str(CSRC / "include")],
+            extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffp-contract=off"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as error:  # any build failure must leave the package usable
+        warnings.warn(f"lightning_qlora: building the C++ kernels failed ({error!r}); using the reference kernels.",
+                      stacklevel=2)  # fmt: skip
+        return None
+
+
+def backend() -> str:
+    """``"cpp"`` if the compiled CPU kernels are in use, else ``"reference"``."""
+    return "reference" if _force_reference() or cpu_extension() is None else "cpp"
+
+
+def _quantize_4bit_cpu(A: torch.Tensor, code: torch.Tensor, blocksize: int, seed: int | None = None) -> Any:
+    extension = None if _force_reference() else cpu_extension()
+    if extension is None:
+        return reference.quantize_4bit(A, code, blocksize, seed)
+    check_float_dtype(A)
+    check_block_size(blocksize, BLOCK_SIZES_4BIT)
+    check_codebook(code, 16)
+    return extension.quantize_4bit(A, code, blocksize, seed)
+
+
+def _dequantize_4bit_cpu(
+    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: Sequence[int], dtype: torch.dtype
+) -> torch.Tensor:
+    extension = None if _force_reference() else cpu_extension()
+    if extension is None:
+        return reference.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype)
+    check_output_dtype(dtype)
+    check_dequantize_4bit_args(packed, absmax, code, blocksize, shape)
+    return extension.dequantize_4bit(packed, absmax, code, blocksize, [int(d) for d in shape], dtype)
+
+
+torch.library.register_kernel(qualified_name("quantize_4bit"), "cpu", _quantize_4bit_cpu)
+torch.library.register_kernel(qualified_name("dequantize_4bit"), "cpu", _dequantize_4bit_cpu)
