@@ -12,7 +12,6 @@ import gc
 import resource
 import time
 
-import torch
 from torch import nn
 
 from lightning_qlora.adapters import LoRAConfig
