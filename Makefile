@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test clean
+.PHONY: run test cuda-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,18 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Compile every CUDA source for sm_80 and sm_90 (no GPU needed; nothing CUDA runs here).
+NVCC ?= nvcc
+CUDA_OUT := build/cuda-check
+cuda-check:
+	@if command -v $(NVCC) >/dev/null 2>&1; then \
+		mkdir -p $(CUDA_OUT) && for source in csrc/cuda/*.cu; do \
+			echo "nvcc $$source (sm_80, sm_90)"; \
+			$(NVCC) -std=c++17 -O3 -Icsrc/include -gencode arch=compute_80,code=sm_80 \
+				-gencode arch=compute_90,code=sm_90 -c $$source -o $(CUDA_OUT)/$$(basename $$source).o || exit 1; \
+		done; \
+	else echo "cuda-check: nvcc not found, CUDA sources NOT compile-checked on this machine"; fi
 
 clean:
 	rm -rf $(VENV)
