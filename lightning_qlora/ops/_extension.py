@@ -22,12 +22,7 @@ import torch
 
 from lightning_qlora.errors import BLOCK_SIZES_4BIT, check_block_size, check_float_dtype, check_output_dtype
 from lightning_qlora.ops import reference
-from lightning_qlora.ops.schemas import (
-    check_codebook,
-    check_dequantize_4bit_args,
-    check_linear_4bit_args,
-    qualified_name,
-)
+from lightning_qlora.ops.schemas import check_codebook, check_dequantize_4bit_args, qualified_name
 
 FORCE_REFERENCE_ENV = "LIGHTNING_QLORA_FORCE_REFERENCE"
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
@@ -40,7 +35,7 @@ def _force_reference() -> bool:
 @functools.cache
 def cpu_extension() -> Any | None:
     """The compiled CPU module, or ``None`` (with one warning) if it cannot be built."""
-    sources = [CSRC / "cpu" / name for name in ("kernels.cpp", "matmul.cpp", "bindings.cpp")]
+    sources = [CSRC / "cpu" / "kernels.cpp", CSRC / "cpu" / "bindings.cpp"]
     if not all(path.is_file() for path in sources):
         warnings.warn(f"lightning_qlora: C++ sources not found under {CSRC}; using the reference kernels.", stacklevel=2)
         return None
@@ -87,32 +82,5 @@ def _dequantize_4bit_cpu(
     return extension.dequantize_4bit(packed, absmax, code, blocksize, [int(d) for d in shape], dtype)
 
 
-def _linear_4bit_cpu(
-    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: Sequence[int]
-) -> torch.Tensor:
-    extension = None if _force_reference() else cpu_extension()
-    if extension is None:
-        return reference.linear_4bit(x, packed, absmax, code, blocksize, shape)
-    check_linear_4bit_args(x, packed, absmax, code, blocksize, shape, features_dim=1)
-    return extension.linear_4bit(x, packed, absmax, code, blocksize, [int(d) for d in shape])
-
-
-def _linear_4bit_input_grad_cpu(
-    grad: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    blocksize: int,
-    shape: Sequence[int],
-) -> torch.Tensor:
-    extension = None if _force_reference() else cpu_extension()
-    if extension is None:
-        return reference.linear_4bit_input_grad(grad, packed, absmax, code, blocksize, shape)
-    check_linear_4bit_args(grad, packed, absmax, code, blocksize, shape, features_dim=0)
-    return extension.linear_4bit_input_grad(grad, packed, absmax, code, blocksize, [int(d) for d in shape])
-
-
 torch.library.register_kernel(qualified_name("quantize_4bit"), "cpu", _quantize_4bit_cpu)
 torch.library.register_kernel(qualified_name("dequantize_4bit"), "cpu", _dequantize_4bit_cpu)
-torch.library.register_kernel(qualified_name("linear_4bit"), "cpu", _linear_4bit_cpu)
-torch.library.register_kernel(qualified_name("linear_4bit_input_grad"), "cpu", _linear_4bit_input_grad_cpu)
