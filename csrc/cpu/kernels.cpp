@@ -5,6 +5,10 @@
 
 #include <cmath>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 namespace lightning_qlora {
 namespace cpu {
 namespace {
@@ -29,6 +33,56 @@ inline uint8_t encode(const Codebook4& book, float scaled, bool stochastic, uint
   return book.order[sorted_index];
 }
 
+#ifdef __AVX512F__
+template <FloatType T>
+inline __m512 load16(const void* data, int64_t i) {
+  if constexpr (T == FloatType::kFloat32) return _mm512_loadu_ps(static_cast<const float*>(data) + i);
+  if constexpr (T == FloatType::kFloat16)  // exact widening
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(data) + i)));
+  if constexpr (T == FloatType::kBFloat16) {
+    const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(data) + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+  }
+}
+
+// Nearest-code encoding of a full block, 32 elements per step. The count of midpoints below x
+// (bucket_of) is a branch-free binary search over the 15 sorted midpoints padded with +inf:
+// 4 permute+compare steps instead of 15 compares. x * (1/absmax) and the clamp are the same
+// IEEE operations as the scalar path, so the codes are identical.
+template <FloatType T>
+void encode_full_block_avx512(const void* input, int64_t start, int64_t count, float scale, const Codebook4& book,
+                              uint8_t* packed) {
+  alignas(64) float padded_midpoints[16];
+  alignas(64) int32_t order[16];
+  for (int i = 0; i < 15; ++i) padded_midpoints[i] = book.midpoints[i];
+  padded_midpoints[15] = INFINITY;
+  for (int i = 0; i < 16; ++i) order[i] = book.order[i];
+  const __m512 midpoints = _mm512_load_ps(padded_midpoints);
+  const __m512i codes_by_rank = _mm512_load_si512(order);
+  const __m512 factor = _mm512_set1_ps(scale), one = _mm512_set1_ps(1.0f), minus_one = _mm512_set1_ps(-1.0f);
+  const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+  auto encode16 = [&](__m512 x) {
+    const __m512 scaled = _mm512_max_ps(_mm512_min_ps(_mm512_mul_ps(x, factor), one), minus_one);
+    __m512i rank = _mm512_setzero_si512();
+    for (int step = 8; step >= 1; step >>= 1) {
+      const __m512i probe = _mm512_add_epi32(rank, _mm512_set1_epi32(step - 1));
+      const __mmask16 below = _mm512_cmp_ps_mask(_mm512_permutexvar_ps(probe, midpoints), scaled, _CMP_LT_OQ);
+      rank = _mm512_mask_add_epi32(rank, below, rank, _mm512_set1_epi32(step));
+    }
+    return _mm512_permutexvar_epi32(rank, codes_by_rank);
+  };
+  for (int64_t j = 0; j < count; j += 32) {
+    const __m512i first = encode16(load16<T>(input, start + j));
+    const __m512i second = encode16(load16<T>(input, start + j + 16));
+    const __m512i high = _mm512_permutex2var_epi32(first, evens, second);
+    const __m512i low = _mm512_permutex2var_epi32(first, odds, second);
+    const __m512i bytes = _mm512_or_si512(_mm512_slli_epi32(high, 4), low);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(packed + (start + j) / 2), _mm512_cvtepi32_epi8(bytes));
+  }
+}
+#endif
+
 template <FloatType T>
 void quantize_block(const void* input, int64_t start, int64_t end, int64_t blocksize, const Codebook4& book,
                     bool stochastic, uint64_t seed, uint8_t* packed, float* absmax_out) {
@@ -45,6 +99,13 @@ void quantize_block(const void* input, int64_t start, int64_t end, int64_t block
   const float floor_max = maximum > kTinyAbsmax ? maximum : kTinyAbsmax;
   const float scale = partial ? floor_max : 1.0f / floor_max;
   *absmax_out = partial ? (has_nan ? maximum : floor_max) : maximum;
+#ifdef __AVX512F__
+  // Full blocks are multiples of 32 elements (block sizes are powers of two >= 32).
+  if (!stochastic && !has_nan && !partial && blocksize % 32 == 0) {
+    encode_full_block_avx512<T>(input, start, end - start, scale, book, packed);
+    return;
+  }
+#endif
   if (!stochastic && !has_nan) {
     // Nearest rounding: scale and bucket the block in two vectorizable passes, then pack.
     float scaled[4096 + 1];
@@ -88,6 +149,45 @@ void quantize_all(const void* input, int64_t n, const Codebook4& book, int64_t b
   }
 }
 
+#ifdef __AVX512F__
+// 32 elements (16 bytes) per step: the codebook lives in one register and vpermps looks the
+// codes up; high nibbles are the even elements, so two permutes re-interleave them.
+template <FloatType T>
+inline void store16(void* data, int64_t i, __m512 values) {
+  if constexpr (T == FloatType::kFloat32) _mm512_storeu_ps(static_cast<float*>(data) + i, values);
+  if constexpr (T == FloatType::kFloat16)  // vcvtps2ph rounds to nearest even, as torch's .to(float16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<_Float16*>(data) + i),
+                        _mm512_cvtps_ph(values, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  if constexpr (T == FloatType::kBFloat16) {
+    // Round to nearest even on the bit pattern (float_to_bf16_bits); NaN payloads may become
+    // inf here, which still dequantizes a NaN block to non-finite values.
+    const __m512i bits = _mm512_castps_si512(values);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(data) + i),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+  }
+}
+
+template <FloatType T>
+inline int64_t dequantize_block_avx512(const uint8_t* packed, const __m512 book, float absmax, int64_t start,
+                                       int64_t end, void* output) {
+  const __m512 scale = _mm512_set1_ps(absmax);
+  const __m512i low_mask = _mm512_set1_epi32(0x0F);
+  const __m512i first_half = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second_half = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  int64_t i = start;
+  for (; i + 32 <= end; i += 32) {
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / 2)));
+    const __m512 even = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), book), scale);
+    const __m512 odd = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, low_mask), book), scale);
+    store16<T>(output, i, _mm512_permutex2var_ps(even, first_half, odd));
+    store16<T>(output, i + 16, _mm512_permutex2var_ps(even, second_half, odd));
+  }
+  return i;  // the scalar loop finishes a partial last block
+}
+#endif
+
 template <FloatType T>
 void dequantize_all(const uint8_t* packed, const float* absmax, const float* codebook, int64_t n, int64_t blocksize,
                     void* output) {
@@ -99,7 +199,11 @@ void dequantize_all(const uint8_t* packed, const float* absmax, const float* cod
     const float scale = absmax[block];
     // Blocks start at even indices (block sizes are even), so bytes never straddle blocks.
     const int64_t pairs_end = start + ((end - start) & ~int64_t{1});
-    for (int64_t i = start; i < pairs_end; i += 2) {
+    int64_t first = start;
+#ifdef __AVX512F__
+    first = dequantize_block_avx512<T>(packed, _mm512_loadu_ps(codebook), scale, start, pairs_end, output);
+#endif
+    for (int64_t i = first; i < pairs_end; i += 2) {
       const uint8_t byte = packed[i >> 1];
       store<T>(output, i, codebook[byte >> 4] * scale);
       store<T>(output, i + 1, codebook[byte & 0x0F] * scale);

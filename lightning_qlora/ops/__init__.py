@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_qlora.ops import _extension, reference, schemas
+from lightning_qlora.ops import _extension, reference, schemas  # noqa: F401 -- _extension registers the CPU kernels
 from lightning_qlora.ops.schemas import NAMESPACE, num_blocks, qualified_name
 
 #: Names of every op we declare.
@@ -23,4 +23,4 @@ def op(name: str) -> torch._ops.OpOverload:
 
 from lightning_qlora.ops._extension import backend
 
-__all__ = ["NAMESPACE", "backend", "OP_NAMES", "num_blocks", "op", "qualified_name", "reference", "schemas"]
+__all__ = ["NAMESPACE", "OP_NAMES", "backend", "num_blocks", "op", "qualified_name", "reference", "schemas"]

@@ -1,9 +1,11 @@
 """The compiled C++ kernels (``csrc/``): built on first use, cached, never breaking import.
 
-The CPU kernels for ``quantize_4bit`` and ``dequantize_4bit`` are registered at import as
-thin Python kernels. The first call compiles ``csrc/cpu`` with
-``torch.utils.cpp_extension.load`` (ninja, about a minute; cached in the torch extensions
-directory, ``$TORCH_EXTENSIONS_DIR``, so later processes load it in a second). If the build
+The CPU kernels for ``quantize_4bit``, ``dequantize_4bit``, ``linear_4bit`` and
+``linear_4bit_input_grad`` are registered at import as thin Python kernels that validate with
+our typed errors. Loading is lazy, so ``import lightning_qlora`` stays fast: the first op call
+compiles ``csrc/cpu`` with ``torch.utils.cpp_extension.load`` (ninja, about 30 s on 2 cores;
+cached in the torch extensions directory, ``$TORCH_EXTENSIONS_DIR``, so later processes load it
+in about a second, and a pytest run compiles it at most once). If the build
 fails, or ``csrc/`` is absent (a wheel without sources), one warning is issued and the
 pure-PyTorch reference kernels keep running. ``LIGHTNING_QLORA_FORCE_REFERENCE=1`` skips the
 extension entirely (debugging, and testing the reference path).
@@ -13,6 +15,9 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import sys
+import sysconfig
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +27,12 @@ import torch
 
 from lightning_qlora.errors import BLOCK_SIZES_4BIT, check_block_size, check_float_dtype, check_output_dtype
 from lightning_qlora.ops import reference
-from lightning_qlora.ops.schemas import check_codebook, check_dequantize_4bit_args, qualified_name
+from lightning_qlora.ops.schemas import (
+    check_codebook,
+    check_dequantize_4bit_args,
+    check_linear_4bit_args,
+    qualified_name,
+)
 
 FORCE_REFERENCE_ENV = "LIGHTNING_QLORA_FORCE_REFERENCE"
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
@@ -32,15 +42,27 @@ def _force_reference() -> bool:
     return os.environ.get(FORCE_REFERENCE_ENV, "") not in ("", "0")
 
 
+def _put_ninja_on_path() -> None:
+    """cpp_extension runs ``ninja`` from PATH; a venv used without activation has it only in its bin dir."""
+    if shutil.which("ninja") is not None:
+        return
+    for directory in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        if (Path(directory) / "ninja").exists():
+            os.environ["PATH"] = directory + os.pathsep + os.environ.get("PATH", "")
+            return
+
+
 @functools.cache
 def cpu_extension() -> Any | None:
     """The compiled CPU module, or ``None`` (with one warning) if it cannot be built."""
-    sources = [CSRC / "cpu" / "kernels.cpp", CSRC / "cpu" / "bindings.cpp"]
+    sources = [CSRC / "cpu" / name for name in ("kernels.cpp", "matmul.cpp", "bindings.cpp")]
     if not all(path.is_file() for path in sources):
         warnings.warn(f"lightning_qlora: C++ sources not found under {CSRC}; using the reference kernels.", stacklevel=2)
         return None
     try:
         from torch.utils.cpp_extension import load
+
+        _put_ninja_on_path()
 
         return load(
             name="lightning_qlora_cpu",
@@ -50,7 +72,7 @@ def cpu_extension() -> Any | None:
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
-    except Exception as error:  # any build failure must leave the package usable
+    except Exception as error:  # noqa: BLE001 -- any build failure must leave the package usable
         warnings.warn(f"lightning_qlora: building the C++ kernels failed ({error!r}); using the reference kernels.",
                       stacklevel=2)  # fmt: skip
         return None
@@ -82,5 +104,32 @@ def _dequantize_4bit_cpu(
     return extension.dequantize_4bit(packed, absmax, code, blocksize, [int(d) for d in shape], dtype)
 
 
+def _linear_4bit_cpu(
+    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: Sequence[int]
+) -> torch.Tensor:
+    extension = None if _force_reference() else cpu_extension()
+    if extension is None:
+        return reference.linear_4bit(x, packed, absmax, code, blocksize, shape)
+    check_linear_4bit_args(x, packed, absmax, code, blocksize, shape, features_dim=1)
+    return extension.linear_4bit(x, packed, absmax, code, blocksize, [int(d) for d in shape])
+
+
+def _linear_4bit_input_grad_cpu(
+    grad: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+) -> torch.Tensor:
+    extension = None if _force_reference() else cpu_extension()
+    if extension is None:
+        return reference.linear_4bit_input_grad(grad, packed, absmax, code, blocksize, shape)
+    check_linear_4bit_args(grad, packed, absmax, code, blocksize, shape, features_dim=0)
+    return extension.linear_4bit_input_grad(grad, packed, absmax, code, blocksize, [int(d) for d in shape])
+
+
 torch.library.register_kernel(qualified_name("quantize_4bit"), "cpu", _quantize_4bit_cpu)
 torch.library.register_kernel(qualified_name("dequantize_4bit"), "cpu", _dequantize_4bit_cpu)
+torch.library.register_kernel(qualified_name("linear_4bit"), "cpu", _linear_4bit_cpu)
+torch.library.register_kernel(qualified_name("linear_4bit_input_grad"), "cpu", _linear_4bit_input_grad_cpu)

@@ -38,6 +38,7 @@ from lightning_qlora.ops.schemas import (
     check_codebook,
     check_dequantize_4bit_args,
     check_dequantize_8bit_args,
+    check_linear_4bit_args,
     qualified_name,
 )
 
@@ -207,11 +208,36 @@ def dequantize_blockwise_8bit(
     return (values * scale).to(dtype).reshape(codes.shape)
 
 
+def linear_4bit(
+    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: Sequence[int]
+) -> torch.Tensor:
+    """Reference for ``lightning_qlora::linear_4bit``: dequantize to float32, ``x @ W^T``, cast to x's dtype."""
+    check_linear_4bit_args(x, packed, absmax, code, blocksize, shape, features_dim=1)
+    weight = dequantize_4bit(packed, absmax, code, blocksize, shape, torch.float32)
+    return torch.nn.functional.linear(x.float(), weight).to(x.dtype)
+
+
+def linear_4bit_input_grad(
+    grad: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+) -> torch.Tensor:
+    """Reference for ``lightning_qlora::linear_4bit_input_grad``: ``grad @ W`` in float32, cast to grad's dtype."""
+    check_linear_4bit_args(grad, packed, absmax, code, blocksize, shape, features_dim=0)
+    weight = dequantize_4bit(packed, absmax, code, blocksize, shape, torch.float32)
+    return (grad.float() @ weight).to(grad.dtype)
+
+
 REFERENCE_KERNELS = {
     "quantize_4bit": quantize_4bit,
     "dequantize_4bit": dequantize_4bit,
     "quantize_blockwise_8bit": quantize_blockwise_8bit,
     "dequantize_blockwise_8bit": dequantize_blockwise_8bit,
+    "linear_4bit": linear_4bit,
+    "linear_4bit_input_grad": linear_4bit_input_grad,
 }
 
 # CompositeExplicitAutograd: the kernel for every device that has no kernel of its own.

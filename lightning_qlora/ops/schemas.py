@@ -16,6 +16,12 @@ Ops (all functional, no mutation):
 * ``quantize_blockwise_8bit(A, code, blocksize, seed=None) -> (codes, absmax)``
     ``code`` the 256-entry sorted codebook; ``codes`` uint8 with ``A``'s shape.
 * ``dequantize_blockwise_8bit(codes, absmax, code, blocksize, dtype) -> Tensor``
+* ``linear_4bit(x, packed, absmax, code, blocksize, shape) -> Tensor``
+    ``x (..., in) @ W^T -> (..., out)`` for the 4-bit weight ``W`` of ``shape = (out, in)``
+    (``absmax`` already float32, i.e. after undoing double quantization); accumulated in
+    float32, returned in ``x``'s dtype. Compiled kernels never materialize ``W`` in full.
+* ``linear_4bit_input_grad(grad, packed, absmax, code, blocksize, shape) -> Tensor``
+    ``grad (..., out) @ W -> (..., in)``: the input gradient of ``linear_4bit``.
 """
 
 from __future__ import annotations
@@ -43,6 +49,10 @@ _SCHEMAS = {
     "quantize_blockwise_8bit": "(Tensor A, Tensor code, int blocksize, int? seed=None) -> (Tensor, Tensor)",
     "dequantize_blockwise_8bit": (
         "(Tensor codes, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor"
+    ),
+    "linear_4bit": "(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, SymInt[] shape) -> Tensor",
+    "linear_4bit_input_grad": (
+        "(Tensor grad, Tensor packed, Tensor absmax, Tensor code, int blocksize, SymInt[] shape) -> Tensor"
     ),
 }
 
@@ -107,6 +117,28 @@ def check_dequantize_8bit_args(codes: torch.Tensor, absmax: torch.Tensor, code: 
         )
 
 
+def check_linear_4bit_args(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    features_dim: int,
+) -> None:
+    """Validate a product with a 4-bit weight; ``x.shape[-1]`` must equal ``shape[features_dim]``."""
+    check_float_dtype(x)
+    if len(shape) != 2:
+        raise ShapeMismatchError(f"a 4-bit linear weight must be 2-D (out, in), got shape {tuple(shape)}.")
+    check_dequantize_4bit_args(packed, absmax, code, blocksize, shape)
+    if x.dim() == 0 or x.shape[-1] != shape[features_dim]:
+        side = "in_features" if features_dim == 1 else "out_features"
+        raise ShapeMismatchError(
+            f"input of shape {tuple(x.shape)} does not fit the 4-bit weight of shape {tuple(shape)}: its last "
+            f"dimension must be {side} = {shape[features_dim]}."
+        )
+
+
 @torch.library.register_fake(qualified_name("quantize_4bit"))
 def _quantize_4bit_fake(
     A: torch.Tensor, code: torch.Tensor, blocksize: int, seed: int | None = None
@@ -153,3 +185,24 @@ def _dequantize_8bit_fake(
     check_output_dtype(dtype)
     check_dequantize_8bit_args(codes, absmax, code, blocksize)
     return codes.new_empty(codes.shape, dtype=dtype)
+
+
+@torch.library.register_fake(qualified_name("linear_4bit"))
+def _linear_4bit_fake(
+    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: Sequence[int]
+) -> torch.Tensor:
+    check_linear_4bit_args(x, packed, absmax, code, blocksize, shape, features_dim=1)
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+@torch.library.register_fake(qualified_name("linear_4bit_input_grad"))
+def _linear_4bit_input_grad_fake(
+    grad: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+) -> torch.Tensor:
+    check_linear_4bit_args(grad, packed, absmax, code, blocksize, shape, features_dim=0)
+    return grad.new_empty((*grad.shape[:-1], shape[1]))

@@ -1,9 +1,12 @@
 """``Linear4bit``: an ``nn.Linear`` whose frozen weight is a :class:`Quantized4bitTensor`.
 
-Forward: ``y = x @ dequantize(W)^T + b`` in the input's dtype. Backward gives the input
-gradient ``g @ dequantize(W)`` (the weight is frozen; adapters train on top), dequantizing
-again instead of keeping the float weight alive between forward and backward -- that is
-what keeps QLoRA's activation memory small.
+Forward: ``y = x @ dequantize(W)^T + b`` in the input's dtype, bit-equal to
+``bitsandbytes.nn.Linear4bit`` (the fused ``lightning_qlora::linear_4bit`` op is faster but sums
+in another order; see the comment in ``forward``). Backward gives the input gradient
+``g @ dequantize(W)`` through ``lightning_qlora::linear_4bit_input_grad`` (the weight is
+frozen; adapters train on top), which reads the 4-bit weight tile by tile instead of keeping a
+float weight alive between forward and backward -- that is what keeps QLoRA's activation
+memory small.
 
 The state dict uses bitsandbytes' keys (``weight``, ``weight.absmax``, ``weight.quant_map``,
 ``weight.nested_absmax``, ``weight.nested_quant_map``,
@@ -23,8 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_qlora.ops import op
 from lightning_qlora.quantization.bnb_format import from_bnb_state_dict, to_bnb_state_dict
 from lightning_qlora.quantization.tensor import Quantized4bitTensor, quantize_4bit
+
+
+def _weight_args(weight: Quantized4bitTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, list[int]]:
+    """``(packed, absmax, code, blocksize, shape)`` of a 4-bit weight; DQ absmax decoded (tiny)."""
+    return weight.packed, weight.block_absmax(), weight.code, weight.blocksize, list(weight.shape)
 
 
 class _Linear4bitFunction(torch.autograd.Function):
@@ -32,14 +41,16 @@ class _Linear4bitFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: Quantized4bitTensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.weight = weight
         ctx.has_bias = bias is not None
-        w = weight.dequantize(x.dtype)
-        return torch.nn.functional.linear(x, w, bias)
+        # Not the fused lightning_qlora::linear_4bit op (yet): it sums in another fp32 order, and
+        # examples/quantize_and_share_with_bitsandbytes.py (+ its test) pin outputs bit-equal to
+        # bitsandbytes.nn.Linear4bit. Switching is one line once that pin becomes a round-off bound.
+        return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ ctx.weight.dequantize(grad_out.dtype)
+            grad_x = op("linear_4bit_input_grad")(grad_out, *_weight_args(ctx.weight))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, grad_bias

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "../../csrc/cpu/kernels.h"
+#include "../../csrc/cpu/matmul.h"
 
 using namespace lightning_qlora;
 
@@ -50,6 +51,38 @@ int main() {
             if (!(std::fabs(output[i] - input[i]) <= bound)) ++failures;
           }
         }
+      }
+    }
+  }
+  // Fused GEMV and the GEMM tile decoder on odd shapes (scalar path) and in % 32 == 0 (AVX-512
+  // path), exact-size buffers, checked against a plain dequantize-then-dot.
+  const int64_t shapes[][2] = {{1, 1}, {3, 7}, {5, 32}, {17, 33}, {9, 64}, {33, 96}, {2, 4096}};
+  for (const auto& shape : shapes) {
+    const int64_t out = shape[0], in = shape[1], n = out * in;
+    for (int64_t blocksize : blocks) {
+      std::vector<float> weight(n);
+      for (auto& w : weight) w = static_cast<float>(rand()) / RAND_MAX * 2.0f - 1.0f;
+      std::vector<uint8_t> packed((n + 1) / 2);
+      std::vector<float> absmax((n + blocksize - 1) / blocksize);
+      cpu::quantize_4bit(weight.data(), cpu::FloatType::kFloat32, n, book, blocksize, false, 0, packed.data(),
+                         absmax.data());
+      std::vector<float> dense(n);
+      cpu::dequantize_range_4bit(packed.data(), absmax.data(), book.values, blocksize, 0, n, dense.data());
+      if (out > 1) {  // a tile starting mid-row (and mid-byte when in is odd)
+        std::vector<float> tile(n - in);
+        cpu::dequantize_range_4bit(packed.data(), absmax.data(), book.values, blocksize, in, n - in, tile.data());
+        for (int64_t i = 0; i < n - in; ++i) failures += tile[i] != dense[in + i];
+      }
+      for (int64_t rows = 1; rows <= cpu::kMaxFusedRows; rows += 3) {
+        std::vector<float> x(rows * in), y(rows * out);
+        for (auto& v : x) v = static_cast<float>(rand()) / RAND_MAX - 0.5f;
+        cpu::gemv_4bit(x.data(), rows, packed.data(), absmax.data(), book.values, out, in, blocksize, y.data());
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t o = 0; o < out; ++o) {
+            double expected = 0.0;
+            for (int64_t k = 0; k < in; ++k) expected += static_cast<double>(x[r * in + k]) * dense[o * in + k];
+            failures += !(std::fabs(y[r * out + o] - expected) <= 1e-4 * (1.0 + std::fabs(expected)));
+          }
       }
     }
   }

@@ -62,6 +62,12 @@ LQ_HD int stochastic_bucket(const Codebook4& book, float x, float u) {
   return lo + ((u < p) ? 1 : 0);
 }
 
+// The 4-bit code of flat element `index`: two codes per byte, the even element in the high nibble.
+LQ_HD int code_at(const uint8_t* packed, int64_t index) {
+  const uint8_t byte = packed[index >> 1];
+  return (index & 1) ? (byte & 0x0F) : (byte >> 4);
+}
+
 LQ_HD float clamp_unit(float x) { return x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x); }
 
 // float -> bfloat16 bits with round-to-nearest-even (NaN stays NaN), as torch's .to(bfloat16).

@@ -1,0 +1,25 @@
+// Products with a 4-bit weight on raw pointers (no torch headers): the bindings validate,
+// convert inputs to float32 and pick the path.
+#pragma once
+
+#include <stdint.h>
+
+namespace lightning_qlora {
+namespace cpu {
+
+// Largest batch the fused GEMV handles in registers; bigger batches use tiled dequantize + GEMM.
+constexpr int64_t kMaxFusedRows = 8;
+
+// y[r, o] = sum_k x[r, k] * W[o, k] for r < rows <= kMaxFusedRows, W of shape (out, in) stored
+// as 4-bit codes over the FLAT weight (codebook[q] * absmax[flat / blocksize]); W is decoded in
+// registers and never written to memory.
+void gemv_4bit(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, const float* codebook,
+               int64_t out_features, int64_t in_features, int64_t blocksize, float* y);
+
+// Float32 values of flat weight elements [start, start + count) (any start, even mid-byte):
+// the tile that the GEMM path multiplies with a BLAS call.
+void dequantize_range_4bit(const uint8_t* packed, const float* absmax, const float* codebook, int64_t blocksize,
+                           int64_t start, int64_t count, float* out);
+
+}  // namespace cpu
+}  // namespace lightning_qlora

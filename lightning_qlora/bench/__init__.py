@@ -1,0 +1,1 @@
+"""Benchmarks runnable from an installed package: ``python -m lightning_qlora.bench kernels``."""
