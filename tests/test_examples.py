@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import runpy
 
 import pytest
@@ -22,3 +23,16 @@ def test_adapters_on_nf4(method, capsys, monkeypatch):
     runpy.run_path(str(EXAMPLES / "adapters_on_nf4.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "quantized 14 Linear layers" in out and "step 19" in out and "saved our adapter" in out
+
+
+@pytest.mark.parametrize("method", ["adalora", "lora_drop"])
+def test_callbacks_example(method, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["callbacks_adalora_and_lora_drop.py", method, str(tmp_path)])
+    runpy.run_path(str(EXAMPLES / "callbacks_adalora_and_lora_drop.py"), run_name="__main__")
+    assert "plots and metrics in" in capsys.readouterr().out
+    if method == "adalora":
+        (ranks,) = tmp_path.rglob("adalora_ranks.json")
+        assert sum(json.loads(ranks.read_text()).values()) == 3 * 28  # target_rank 3 x 28 adapted layers
+        assert list(tmp_path.rglob("adalora_ranks.png"))
+    else:
+        assert list(tmp_path.rglob("lora_drop_importance.png"))

@@ -12,7 +12,13 @@ from lightning_qlora.adapters.dora import DoRAConfig, DoRALayer
 from lightning_qlora.adapters.inject import adapter_layers, adapter_param_groups, find_targets, inject_adapters
 from lightning_qlora.adapters.io import export_peft, import_peft, load_adapters, save_adapters
 from lightning_qlora.adapters.lora import LoRAConfig, LoRALayer
-from lightning_qlora.adapters.lora_drop import LoRADropConfig, LoRADropLayer, SharedLoRA, apply_lora_drop
+from lightning_qlora.adapters.lora_drop import (
+    LoRADropConfig,
+    LoRADropLayer,
+    SharedLoRA,
+    apply_lora_drop,
+    restore_lora_drop_structure,
+)
 from lightning_qlora.adapters.lora_fa import LoRAFAConfig, LoRAFALayer
 from lightning_qlora.adapters.lora_plus import LoRAPlusConfig, LoRAPlusLayer
 from lightning_qlora.adapters.merge import export_merged, merged_state_dict
@@ -49,6 +55,7 @@ __all__ = [
     "adapter_param_groups",
     "adapter_summary",
     "apply_lora_drop",
+    "restore_lora_drop_structure",
     "config_from_dict",
     "delta_lora_step",
     "export_merged",

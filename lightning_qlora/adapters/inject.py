@@ -74,6 +74,10 @@ def inject_adapters(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, config.build(getattr(parent, child)))
+    if getattr(config, "method", None) == "lora_drop":  # late import: lora_drop imports this module
+        from lightning_qlora.adapters.lora_drop import register_restore_hook
+
+        register_restore_hook(model)
     return names
 
 
@@ -85,6 +89,11 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
 def adapter_param_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
     """Optimizer groups of all adapters (e.g. LoRA+'s faster B), ready for any torch optimizer."""
     groups: list[dict[str, Any]] = []
+    seen: set[int] = set()  # parameters shared by several layers (LoRA-drop) go in once
     for layer in adapter_layers(model).values():
-        groups.extend(g for g in layer.param_groups(lr) if g["params"])
+        for group in layer.param_groups(lr):
+            params = [p for p in group["params"] if id(p) not in seen]
+            seen.update(id(p) for p in params)
+            if params:
+                groups.append({**group, "params": params})
     return groups

@@ -32,6 +32,7 @@ from lightning_qlora.adapters.delta_lora import DeltaLoRALayer
 from lightning_qlora.adapters.dora import DoRALayer
 from lightning_qlora.adapters.inject import adapter_layers, inject_adapters
 from lightning_qlora.adapters.lora import LoRAConfig, LoRALayer
+from lightning_qlora.adapters.lora_drop import SHARED_ATTRIBUTE, restore_lora_drop_structure
 from lightning_qlora.adapters.registry import config_from_dict, config_to_dict
 from lightning_qlora.adapters.vera import VeRAConfig, VeRALayer, global_projections
 
@@ -51,6 +52,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for key, value in layer.state_dict().items():
             if keep_base or not key.startswith("base."):
                 out[f"{name}.{key}"] = value.detach().contiguous()
+    shared = getattr(model, SHARED_ATTRIBUTE, None)  # LoRA-drop: the adapters dropped layers share
+    if shared is not None:
+        out.update({f"{SHARED_ATTRIBUTE}.{k}": v.detach().contiguous() for k, v in shared.state_dict().items()})
     return out
 
 
@@ -87,6 +91,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    restore_lora_drop_structure(model, tensors)
     layers = adapter_layers(model)
     for name, layer in layers.items():  # VeRA adapters saved with explicit (e.g. PEFT's) projections
         if isinstance(layer, VeRALayer) and f"{name}.vera_A" in tensors and f"{name}.vera_B" in tensors:
@@ -106,6 +111,10 @@ def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         for name, layer in layers.items():
             prefix = name + "."
             layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=False)
+        shared = getattr(model, SHARED_ATTRIBUTE, None)
+        if shared is not None:
+            prefix = SHARED_ATTRIBUTE + "."
+            shared.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
 def load_adapters(model: nn.Module, directory: str | Path, expected_method: str | None = None) -> list[str]:

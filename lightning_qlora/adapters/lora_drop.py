@@ -10,12 +10,17 @@ This module holds the per-layer state; the ``LoRADrop`` callback drives the two 
   ``tracking``) and an optional pointer to a :class:`SharedLoRA`;
 * :func:`apply_lora_drop` -- keep the named layers, point every other one at the shared
   adapter of its shape, registered once on the model as ``lora_drop_shared``.
+* :func:`restore_lora_drop_structure` -- rebuild that sharing from a state dict, so a
+  checkpoint or adapter file taken after the selection loads into a freshly injected model
+  (each layer's ``uses_shared`` buffer records whether it was dropped). Injection registers
+  it as a ``load_state_dict`` pre-hook on the model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,6 +58,7 @@ class LoRADropLayer(LoRALayer):
         super().__init__(base, config)
         self.register_buffer("importance_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("importance_tokens", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("uses_shared", torch.zeros((), dtype=torch.bool))
         self.tracking = False
         self._shared: SharedLoRA | None = None  # not a submodule: the model registers it once
 
@@ -69,6 +75,10 @@ class LoRADropLayer(LoRALayer):
     def reset_importance(self) -> None:
         self.importance_sum.zero_()
         self.importance_tokens.zero_()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        own = super().trainable_parameters()
+        return own if self._shared is None else own + [p for p in self._shared.parameters() if p.requires_grad]
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         source = self._shared if self._shared is not None else self
@@ -93,9 +103,14 @@ class LoRADropLayer(LoRALayer):
                 f"shared adapter shapes {tuple(shared.lora_A.shape)}/{tuple(shared.lora_B.shape)} do not fit this "
                 f"layer's {tuple(self.lora_A.shape)}/{tuple(self.lora_B.shape)}."
             )
-        self._shared = shared
+        self.__dict__["_shared"] = shared  # a plain reference: nn.Module.__setattr__ would make it a submodule
+        self.uses_shared.fill_(True)
         self.lora_A.requires_grad_(False)
         self.lora_B.requires_grad_(False)
+
+
+def _shape_key(layer: LoRADropLayer) -> str:
+    return f"{layer.in_features}x{layer.out_features}"
 
 
 def apply_lora_drop(model: nn.Module, keep: Iterable[str]) -> dict[str, list[str]]:
@@ -115,7 +130,7 @@ def apply_lora_drop(model: nn.Module, keep: Iterable[str]) -> dict[str, list[str
     groups: dict[str, list[LoRADropLayer]] = {}
     for name, layer in layers.items():
         if name not in keep:
-            groups.setdefault(f"{layer.in_features}x{layer.out_features}", []).append(layer)
+            groups.setdefault(_shape_key(layer), []).append(layer)
     shared = nn.ModuleDict({
         shape: SharedLoRA(torch.stack([l.lora_A.detach() for l in group]).mean(0),
                           torch.stack([l.lora_B.detach() for l in group]).mean(0))
@@ -126,3 +141,47 @@ def apply_lora_drop(model: nn.Module, keep: Iterable[str]) -> dict[str, list[str
         for layer in group:
             layer.use_shared(shared[shape])
     return {"kept": sorted(keep), "dropped": sorted(n for n in layers if n not in keep)}
+
+
+def restore_lora_drop_structure(model: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str = "") -> bool:
+    """Re-create the sharing recorded in ``state_dict`` (keys relative to ``model`` after ``prefix``).
+
+    Builds ``model.lora_drop_shared`` with the saved shapes (values are loaded afterwards by
+    the caller) and points every layer whose saved ``uses_shared`` flag is set at the shared
+    adapter of its shape. Does nothing if the state holds no shared adapters or the model
+    already has them.
+
+    Returns:
+        Whether the structure was rebuilt.
+    """
+    shared_prefix = f"{prefix}{SHARED_ATTRIBUTE}."
+    saved = {k[len(shared_prefix):]: v for k, v in state_dict.items() if k.startswith(shared_prefix)}
+    if not saved or hasattr(model, SHARED_ATTRIBUTE):
+        return False
+    shapes = sorted({key.split(".")[0] for key in saved})
+    try:
+        shared = nn.ModuleDict({
+            shape: SharedLoRA(torch.zeros_like(saved[f"{shape}.lora_A"]), torch.zeros_like(saved[f"{shape}.lora_B"]))
+            for shape in shapes
+        })  # fmt: skip
+    except KeyError as error:
+        raise AdapterConfigError(f"LoRA-drop state is incomplete: {error.args[0]!r} is missing; the file is damaged.") from None
+    setattr(model, SHARED_ATTRIBUTE, shared)
+    for name, layer in adapter_layers(model).items():
+        flag = state_dict.get(f"{prefix}{name}.uses_shared")
+        if isinstance(layer, LoRADropLayer) and flag is not None and bool(flag):
+            if _shape_key(layer) not in shared:
+                raise AdapterConfigError(f"layer {name!r} shares an adapter of shape {_shape_key(layer)} that the state does not hold.")
+            layer.use_shared(shared[_shape_key(layer)].to(layer.lora_A.device))
+    return True
+
+
+def _restore_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    restore_lora_drop_structure(module, state_dict, prefix)
+
+
+def register_restore_hook(model: nn.Module) -> None:
+    """Make ``model.load_state_dict`` rebuild LoRA-drop sharing first (idempotent)."""
+    if not getattr(model, "_lora_drop_restore_hook", False):
+        model.register_load_state_dict_pre_hook(_restore_hook)
+        model._lora_drop_restore_hook = True
