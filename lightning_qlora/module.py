@@ -13,6 +13,7 @@ default to the input ids, with -100 ignored).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -32,14 +33,19 @@ class QLoRAModule(L.LightningModule):
         model: a transformers causal LM (anything returning ``.loss`` for ``labels=``).
         lr: learning rate of the adapters (LoRA+ multiplies B's).
         weight_decay: AdamW weight decay.
+        optimizer: builds the optimizer from parameter groups (e.g. ``functools.partial(torch.optim.AdamW,
+            lr=2e-4)`` or a Hydra ``_partial_`` config); its ``lr`` keyword, if any, replaces ``lr``.
+            Default: AdamW with ``lr`` and ``weight_decay``.
         adapters_only_checkpoints: keep only adapter tensors in checkpoints.
     """
 
     def __init__(self, model: nn.Module, lr: float = 2e-4, weight_decay: float = 0.0,
-                 adapters_only_checkpoints: bool = False) -> None:  # fmt: skip
+                 adapters_only_checkpoints: bool = False,
+                 optimizer: Callable[..., torch.optim.Optimizer] | None = None) -> None:  # fmt: skip
         super().__init__()
         self.model = model
-        self.lr = lr
+        self.optimizer_factory = optimizer
+        self.lr = getattr(optimizer, "keywords", {}).get("lr", lr)
         self.weight_decay = weight_decay
         self.adapters_only_checkpoints = adapters_only_checkpoints
         # adapters-only checkpoints leave the base out on purpose
@@ -76,7 +82,15 @@ class QLoRAModule(L.LightningModule):
                 "the model has no adapters: train QLoRAModule with plugins=[NF4Precision(...)] "
                 "or inject adapters first (lightning_qlora.adapters.inject_adapters)."
             )
+        if self.optimizer_factory is not None:
+            return self.optimizer_factory(groups)
         return torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+
+    @override
+    def on_train_start(self) -> None:
+        # pretrained loaders return models in eval mode and Lightning keeps the mode it is given:
+        # train mode turns the adapters' dropout (and LoRA-drop's importance tracking) on
+        self.model.train()
 
     @override
     def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:

@@ -102,7 +102,7 @@ class LoRADrop(L.Callback):
             )
         if self.top_n is not None and self.top_n > len(layers):
             raise CallbackConfigError(f"LoRADrop: top_n={self.top_n} exceeds the {len(layers)} LoRA-drop layers.")
-        if not self.selected and trainer.max_steps and 0 < trainer.max_steps <= self.stage1_steps:
+        if not self.selected and not trainer.fast_dev_run and 0 < trainer.max_steps <= self.stage1_steps:
             raise CallbackConfigError(
                 f"LoRADrop: stage1_steps={self.stage1_steps} leaves no stage 2 within max_steps={trainer.max_steps}; "
                 "lower stage1_steps or train longer."
