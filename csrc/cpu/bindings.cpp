@@ -3,7 +3,12 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <numeric>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "kernels.h"
 #include "matmul.h"
@@ -42,6 +47,23 @@ lq::Codebook4 prepare_codebook(const at::Tensor& code) {
   return book;
 }
 
+// A fresh large output is backed by untouched pages; writing it costs one page fault per 4 KiB
+// (16k faults for a 64 MB fp32 weight, ~2/3 of the dequantize time measured here). Asking for
+// transparent huge pages before the first write makes that one fault per 2 MiB. Only the
+// 2 MiB-aligned interior is advised; where THP is off ("never") this is a harmless no-op.
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  if (bytes < 2 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& input, const at::Tensor& code, int64_t blocksize,
                                                  c10::optional<int64_t> seed) {
   TORCH_CHECK(input.device().is_cpu() && blocksize > 0 && blocksize % 2 == 0, "bad quantize_4bit call");
@@ -62,6 +84,7 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, c
   TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.numel() == (n + blocksize - 1) / blocksize, "absmax size");
   TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16, "codebook must be 16 float32 values");
   auto out = at::empty(shape, packed.options().dtype(dtype));
+  advise_huge_pages(out.data_ptr(), static_cast<size_t>(out.nbytes()));
   auto codes = packed.contiguous();
   auto scales = absmax.contiguous();
   auto table = code.contiguous();
@@ -91,6 +114,7 @@ void check_weight(const at::Tensor& packed, const at::Tensor& absmax, const at::
 at::Tensor weight_tile(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
                        int64_t in_features, int64_t row_begin, int64_t row_end) {
   auto tile = at::empty({row_end - row_begin, in_features}, packed.options().dtype(at::kFloat));
+  advise_huge_pages(tile.data_ptr(), static_cast<size_t>(tile.nbytes()));
   lq::cpu::dequantize_range_4bit(packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code.data_ptr<float>(),
                                  blocksize, row_begin * in_features, (row_end - row_begin) * in_features,
                                  tile.data_ptr<float>());

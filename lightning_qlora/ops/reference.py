@@ -149,12 +149,27 @@ def dequantize_4bit(
 _LUT_STEPS = 65535  # the 8-bit encoder looks codes up on a grid of 65536 points over [-1, 1]
 
 
+_LUT_CACHE: dict[tuple[str, bytes], torch.Tensor] = {}
+
+
 def encode_lookup_table_8bit(code: torch.Tensor) -> torch.Tensor:
     """bitsandbytes' 8-bit encoding table: grid point ``c`` -> index of the nearest code.
 
     Grid point ``c`` (0..65535) stands for ``v_c = 2c / 65535 - 1`` (float32 arithmetic);
     its entry counts the float32 midpoints of neighbouring codes lying strictly below it.
+    Tables are cached per codebook and device (building one took half of a double
+    quantization of a 4096x4096 weight's absmax); the cache holds a handful of codebooks.
     """
+    key = (str(code.device), code.detach().float().cpu().numpy().tobytes())
+    table = _LUT_CACHE.get(key)
+    if table is None:
+        if len(_LUT_CACHE) >= 8:
+            _LUT_CACHE.clear()
+        table = _LUT_CACHE[key] = _build_lookup_table_8bit(code)
+    return table
+
+
+def _build_lookup_table_8bit(code: torch.Tensor) -> torch.Tensor:
     grid = torch.arange(_LUT_STEPS + 1, dtype=torch.float32, device=code.device)
     values = (grid + grid) / float(_LUT_STEPS) - 1.0
     midpoints = (code[:-1] + code[1:]) * 0.5
