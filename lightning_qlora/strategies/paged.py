@@ -62,7 +62,20 @@ def load_paged_optimizer_states(strategy: pl.strategies.Strategy, checkpoint: Ma
             _optimizer_to_device(optimizer, strategy.root_device)
 
 
-class PagedStrategy(SingleDeviceStrategy):
+class _PagedOptimizerHooks:
+    """The two hooks both paged strategies override (put first in the bases, before Lightning's)."""
+
+    paging: PagingConfig
+
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        super().setup_optimizers(trainer)  # type: ignore[misc]
+        page_strategy_optimizers(self, self.paging)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        load_paged_optimizer_states(self, checkpoint)
+
+
+class PagedStrategy(_PagedOptimizerHooks, SingleDeviceStrategy):
     """One-device training with paged optimizers; registered as ``strategy="paged"``.
 
     Args:
@@ -104,22 +117,13 @@ class PagedStrategy(SingleDeviceStrategy):
                 self._root_device = torch.device("cuda", torch.cuda.current_device())
         super().setup_environment()
 
-    @override
-    def setup_optimizers(self, trainer: pl.Trainer) -> None:
-        super().setup_optimizers(trainer)
-        page_strategy_optimizers(self, self.paging)
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        load_paged_optimizer_states(self, checkpoint)
-
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register(cls.strategy_name, cls, description="one device, paged optimizer state")
 
 
-class PagedDDPStrategy(DDPStrategy):
+class PagedDDPStrategy(_PagedOptimizerHooks, DDPStrategy):
     """DDP with paged optimizers on every rank; registered as ``strategy="paged_ddp"``.
 
     Each rank pages its own replica of the optimizer state (the file store gives each rank its
@@ -143,15 +147,6 @@ class PagedDDPStrategy(DDPStrategy):
         self.paging = PagingConfig(store=store, budget_bytes=budget_bytes, page_dir=page_dir,
                                    page_elements=page_elements, optim_bits=optim_bits,
                                    implementation=implementation)  # fmt: skip
-
-    @override
-    def setup_optimizers(self, trainer: pl.Trainer) -> None:
-        super().setup_optimizers(trainer)
-        page_strategy_optimizers(self, self.paging)
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        load_paged_optimizer_states(self, checkpoint)
 
     @classmethod
     @override
