@@ -13,6 +13,7 @@ extension entirely (debugging, and testing the reference path).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import shutil
@@ -27,7 +28,9 @@ import torch
 
 from lightning_qlora.errors import BLOCK_SIZES_4BIT, check_block_size, check_float_dtype, check_output_dtype
 from lightning_qlora.ops import reference
+from lightning_qlora.errors import ShapeMismatchError
 from lightning_qlora.ops.schemas import (
+    check_bgmv_args,
     check_codebook,
     check_dequantize_4bit_args,
     check_linear_4bit_args,
@@ -55,7 +58,7 @@ def _put_ninja_on_path() -> None:
 @functools.cache
 def cpu_extension() -> Any | None:
     """The compiled CPU module, or ``None`` (with one warning) if it cannot be built."""
-    sources = [CSRC / "cpu" / name for name in ("kernels.cpp", "matmul.cpp", "bindings.cpp")]
+    sources = [CSRC / "cpu" / name for name in ("kernels.cpp", "matmul.cpp", "bgmv.cpp", "bindings.cpp")]
     if not all(path.is_file() for path in sources):
         warnings.warn(f"lightning_qlora: C++ sources not found under {CSRC}; using the reference kernels.", stacklevel=2)
         return None
@@ -129,7 +132,50 @@ def _linear_4bit_input_grad_cpu(
     return extension.linear_4bit_input_grad(grad, packed, absmax, code, blocksize, [int(d) for d in shape])
 
 
+@functools.cache
+def _bgmv_entry() -> Any | None:
+    """``lightning_qlora_bgmv_f32`` from the built module (a C function, called with raw pointers)."""
+    extension = cpu_extension()
+    if extension is None:
+        return None
+    function = ctypes.CDLL(extension.__file__).lightning_qlora_bgmv_f32
+    function.restype = ctypes.c_int64
+    function.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64,
+                         *[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    return function
+
+
+_BGMV_STATUS = {1: "an index names no adapter slot (valid: -1 .. slots-1)", 2: "a rank exceeds the table width",
+                3: "a table names a pool row outside the pool (freed pages or stale offsets)"}  # fmt: skip
+
+
+def _bgmv_cpu(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    a_rows: torch.Tensor,
+    b_rows: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    indices: torch.Tensor,
+    out_features: int,
+) -> torch.Tensor:
+    entry = None if _force_reference() else _bgmv_entry()
+    if entry is None:
+        return reference.bgmv(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
+    check_bgmv_args(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
+    x, pool, a_rows, b_rows = x.contiguous(), pool.contiguous(), a_rows.contiguous(), b_rows.contiguous()
+    ranks, scales, indices = ranks.contiguous(), scales.contiguous(), indices.contiguous()
+    y = x.new_empty((x.shape[0], out_features))
+    status = entry(x.data_ptr(), x.shape[0], x.shape[1], out_features, pool.data_ptr(), pool.numel(),
+                   a_rows.data_ptr(), b_rows.data_ptr(), ranks.data_ptr(), scales.data_ptr(), a_rows.shape[0],
+                   a_rows.shape[1], indices.data_ptr(), y.data_ptr())  # fmt: skip
+    if status != 0:
+        raise ShapeMismatchError(f"bgmv: {_BGMV_STATUS.get(status, f'status {status}')}.")
+    return y
+
+
 torch.library.register_kernel(qualified_name("quantize_4bit"), "cpu", _quantize_4bit_cpu)
 torch.library.register_kernel(qualified_name("dequantize_4bit"), "cpu", _dequantize_4bit_cpu)
 torch.library.register_kernel(qualified_name("linear_4bit"), "cpu", _linear_4bit_cpu)
 torch.library.register_kernel(qualified_name("linear_4bit_input_grad"), "cpu", _linear_4bit_input_grad_cpu)
+torch.library.register_kernel(qualified_name("bgmv"), "cpu", _bgmv_cpu)

@@ -29,12 +29,14 @@ import torch
 
 from lightning_qlora.errors import (
     BLOCK_SIZES_4BIT,
+    ShapeMismatchError,
     BLOCK_SIZES_8BIT,
     check_block_size,
     check_float_dtype,
     check_output_dtype,
 )
 from lightning_qlora.ops.schemas import (
+    check_bgmv_args,
     check_codebook,
     check_dequantize_4bit_args,
     check_dequantize_8bit_args,
@@ -246,6 +248,60 @@ def linear_4bit_input_grad(
     return (grad.float() @ weight).to(grad.dtype)
 
 
+def _check_bgmv_tables(
+    pool: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor, ranks: torch.Tensor, indices: torch.Tensor,
+    in_features: int, out_features: int,
+) -> None:
+    """Raise :class:`ShapeMismatchError` if a table names a slot, rank or pool row that does not exist."""
+    slots, max_rank = a_rows.shape
+    if indices.numel() and (indices.min() < -1 or indices.max() >= slots):
+        raise ShapeMismatchError(f"bgmv indices must lie in [-1, {slots}) (one slot per row, -1 = none), "
+                                 f"got values in [{int(indices.min())}, {int(indices.max())}].")  # fmt: skip
+    if ranks.numel() and (ranks.min() < 0 or ranks.max() > max_rank):
+        raise ShapeMismatchError(f"bgmv ranks must lie in [0, {max_rank}], got {ranks.tolist()}.")
+    used = torch.arange(max_rank, device=ranks.device) < ranks.unsqueeze(1)
+    for offsets, length in ((a_rows, in_features), (b_rows, out_features)):
+        bad = used & ((offsets < 0) | (offsets > pool.numel() - length))
+        if bad.any():
+            raise ShapeMismatchError(
+                f"bgmv table names a pool row outside the pool ({pool.numel()} floats, rows of {length}); "
+                "the adapter's pages were freed or the offsets are stale."
+            )
+
+
+def bgmv(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    a_rows: torch.Tensor,
+    b_rows: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    indices: torch.Tensor,
+    out_features: int,
+) -> torch.Tensor:
+    """Reference for ``lightning_qlora::bgmv``: gather each row's factors, ``scale * (x A^T) B^T`` in float32."""
+    check_bgmv_args(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
+    rows, in_features = x.shape
+    _check_bgmv_tables(pool, a_rows, b_rows, ranks, indices, in_features, out_features)
+    y = x.new_zeros((rows, out_features))
+    active = (indices >= 0).nonzero().squeeze(1)
+    max_rank = a_rows.shape[1]
+    if active.numel() == 0 or max_rank == 0 or pool.numel() == 0:
+        return y
+    slot = indices[active]
+    used = torch.arange(max_rank, device=x.device) < ranks[slot].unsqueeze(1)  # (n, R)
+    last = pool.numel() - 1  # unused rank rows gather from a clamped, in-bounds place and are masked out
+
+    def gather(offsets: torch.Tensor, length: int) -> torch.Tensor:  # (n, R) offsets -> (n, R, length)
+        index = torch.where(used, offsets[slot], 0).unsqueeze(2) + torch.arange(length, device=x.device)
+        return pool[index.clamp(max=last)]
+
+    shrunk = (gather(a_rows, in_features) @ x[active].unsqueeze(2)).squeeze(2) * used  # (n, R)
+    expanded = (shrunk.unsqueeze(1) @ gather(b_rows, out_features)).squeeze(1)  # (n, out)
+    y[active] = scales[slot].unsqueeze(1) * expanded
+    return y
+
+
 REFERENCE_KERNELS = {
     "quantize_4bit": quantize_4bit,
     "dequantize_4bit": dequantize_4bit,
@@ -255,6 +311,10 @@ REFERENCE_KERNELS = {
     "linear_4bit_input_grad": linear_4bit_input_grad,
 }
 
+#: Serving ops, kept out of REFERENCE_KERNELS (and so out of ops.OP_NAMES) until tests/ops/test_opcheck.py
+#: has samples for them; tests/serving/test_bgmv.py opchecks them meanwhile.
+SERVING_KERNELS = {"bgmv": bgmv}
+
 # CompositeExplicitAutograd: the kernel for every device that has no kernel of its own.
-for _name, _kernel in REFERENCE_KERNELS.items():
+for _name, _kernel in {**REFERENCE_KERNELS, **SERVING_KERNELS}.items():
     torch.library.impl(qualified_name(_name), "CompositeExplicitAutograd", func=_kernel)

@@ -22,6 +22,12 @@ Ops (all functional, no mutation):
     float32, returned in ``x``'s dtype. Compiled kernels never materialize ``W`` in full.
 * ``linear_4bit_input_grad(grad, packed, absmax, code, blocksize, shape) -> Tensor``
     ``grad (..., out) @ W -> (..., in)``: the input gradient of ``linear_4bit``.
+* ``bgmv(x, pool, a_rows, b_rows, ranks, scales, indices, out_features) -> Tensor``
+    Batched heterogeneous LoRA (S-LoRA/punica BGMV): ``x (B, in)`` float32, ``pool`` the flat
+    float32 page pool, ``a_rows``/``b_rows`` int64 ``(S, R)`` pool offsets of each adapter
+    slot's ``lora_A`` rows (length ``in``) and ``lora_B`` columns (length ``out``), ``ranks``
+    int64 ``(S,)`` (<= R), ``scales`` float32 ``(S,)``, ``indices`` int64 ``(B,)`` (slot per
+    row, -1 = none). ``y[b] = scales[s] * sum_{j<ranks[s]} (x[b] . A_s[j]) B_s^T[j]``, ``(B, out)`` float32.
 """
 
 from __future__ import annotations
@@ -53,6 +59,10 @@ _SCHEMAS = {
     "linear_4bit": "(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, SymInt[] shape) -> Tensor",
     "linear_4bit_input_grad": (
         "(Tensor grad, Tensor packed, Tensor absmax, Tensor code, int blocksize, SymInt[] shape) -> Tensor"
+    ),
+    "bgmv": (
+        "(Tensor x, Tensor pool, Tensor a_rows, Tensor b_rows, Tensor ranks, Tensor scales, Tensor indices, "
+        "int out_features) -> Tensor"
     ),
 }
 
@@ -139,6 +149,38 @@ def check_linear_4bit_args(
         )
 
 
+def check_bgmv_args(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    a_rows: torch.Tensor,
+    b_rows: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    indices: torch.Tensor,
+    out_features: int,
+) -> None:
+    """Validate the dtypes and shapes of a ``bgmv`` call (pool offsets are checked by the kernels)."""
+    if x.dtype != torch.float32 or pool.dtype != torch.float32 or scales.dtype != torch.float32:
+        raise ShapeMismatchError(
+            f"bgmv computes in float32: x, pool and scales must be float32, got {x.dtype}, {pool.dtype}, {scales.dtype}."
+        )
+    if any(t.dtype != torch.int64 for t in (a_rows, b_rows, ranks, indices)):
+        raise ShapeMismatchError("bgmv tables a_rows, b_rows, ranks and indices must be int64.")
+    if x.dim() != 2 or pool.dim() != 1 or indices.shape != (x.shape[0],):
+        raise ShapeMismatchError(
+            f"bgmv needs x (B, in), a flat pool and indices (B,), got x {tuple(x.shape)}, pool "
+            f"{tuple(pool.shape)}, indices {tuple(indices.shape)}."
+        )
+    slots = a_rows.shape[0] if a_rows.dim() == 2 else -1
+    if a_rows.dim() != 2 or b_rows.shape != a_rows.shape or ranks.shape != (slots,) or scales.shape != (slots,):
+        raise ShapeMismatchError(
+            f"bgmv tables must be a_rows/b_rows (S, R), ranks (S,), scales (S,); got {tuple(a_rows.shape)}, "
+            f"{tuple(b_rows.shape)}, {tuple(ranks.shape)}, {tuple(scales.shape)}."
+        )
+    if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 0:
+        raise ShapeMismatchError(f"bgmv out_features={out_features!r} must be a non-negative int.")
+
+
 @torch.library.register_fake(qualified_name("quantize_4bit"))
 def _quantize_4bit_fake(
     A: torch.Tensor, code: torch.Tensor, blocksize: int, seed: int | None = None
@@ -206,3 +248,18 @@ def _linear_4bit_input_grad_fake(
 ) -> torch.Tensor:
     check_linear_4bit_args(grad, packed, absmax, code, blocksize, shape, features_dim=0)
     return grad.new_empty((*grad.shape[:-1], shape[1]))
+
+
+@torch.library.register_fake(qualified_name("bgmv"))
+def _bgmv_fake(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    a_rows: torch.Tensor,
+    b_rows: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    indices: torch.Tensor,
+    out_features: int,
+) -> torch.Tensor:
+    check_bgmv_args(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
+    return x.new_empty((x.shape[0], out_features))

@@ -1,0 +1,214 @@
+"""Load generator: N concurrent clients over M adapters against the LitServe server on 127.0.0.1,
+compared in the same run with PEFT's mixed-adapter batch (``adapter_names=``) on the same NF4 base.
+
+The base is SmolLM2-135M-Instruct quantized to NF4 (block 64, double quantization). Our server
+quantizes it with lightning_qlora; the PEFT baseline wraps bitsandbytes ``Linear4bit`` layers
+quantized from the same float weights -- bit-identical codes (checked below) -- with the same
+adapters, and runs each wave of concurrent requests as one ``generate(..., adapter_names=...)``
+batch (left-padded, greedy), which is how PEFT serves mixed adapters (a sub-batch loop per adapter).
+
+Both sides get the same requests (prompt, adapter, max_tokens, greedy) and must generate the same
+number of tokens; the report gives throughput (generated tokens / wall time), request latency
+percentiles and the server's pool occupancy.
+
+Usage:
+    python benchmarks/serving.py --clients 4 --adapters 4 --requests-per-client 3 --max-tokens 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["Write a haiku about the sea.", "What is the capital of France?", "Give me three tips for sleeping well.",
+           "Explain recursion to a child.", "Translate 'good morning' to Spanish.", "Name a prime number above 50."]  # fmt: skip
+TARGETS = (["q_proj", "v_proj"], "all-linear", ["gate_proj", "up_proj", "down_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+def make_adapters(model, count: int, root: Path) -> list[str]:
+    """``count`` PEFT-format LoRA adapters of ranks 8/16/32 with random (non-zero) factors."""
+    import copy
+
+    from lightning_qlora.adapters import LoRAConfig, export_peft, inject_adapters
+
+    names = []
+    for i in range(count):
+        rank = (8, 16, 32)[i % 3]
+        adapted = copy.deepcopy(model)
+        inject_adapters(adapted, LoRAConfig(r=rank, alpha=rank), TARGETS[i % len(TARGETS)])
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, p in adapted.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        export_peft(adapted, root / f"adapter-{i}")
+        names.append(f"adapter-{i}")
+    return names
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def run_server_load(adapters_dir: Path, workload: list[list[tuple[str, str, int]]], max_batch: int) -> dict:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = open(adapters_dir / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "lightning_qlora.serving.cli", "serve", f"adapters_dir={adapters_dir}",
+                               "model=smollm2", f"port={port}", "num_pages=8192", f"max_batch_size={max_batch}",
+                               "log_level=warning"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)  # fmt: skip
+    try:
+        for _ in range(1200):
+            try:
+                if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.25)
+        latencies: list[float] = []
+        tokens = [0]
+        peak = {"occupancy": 0.0, "used_pages": 0}
+        lock = threading.Lock()
+        done = threading.Event()
+
+        def client(requests_of_client: list[tuple[str, str, int]]) -> None:
+            for adapter, prompt, max_tokens in requests_of_client:
+                start = time.perf_counter()
+                body = {"model": adapter, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                        "temperature": 0, "stop": []}  # fmt: skip
+                reply = requests.post(f"{url}/v1/chat/completions", json=body, timeout=600).json()
+                if "usage" not in reply:
+                    raise RuntimeError(f"request failed: {reply}")
+                with lock:
+                    latencies.append(time.perf_counter() - start)
+                    tokens[0] += reply["usage"]["completion_tokens"]
+
+        def monitor() -> None:
+            while not done.is_set():
+                stats = requests.get(f"{url}/v1/stats", timeout=30).json()
+                if stats["used_pages"] > peak["used_pages"]:
+                    peak.update(stats)
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=monitor)
+        watcher.start()
+        threads = [threading.Thread(target=client, args=(w,)) for w in workload]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+        done.set()
+        watcher.join()
+        final = requests.get(f"{url}/v1/stats", timeout=30).json()
+        return {"wall": wall, "tokens": tokens[0], "latencies": latencies, "peak": peak, "final": final}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # LitServe forks workers: stop the whole group
+        server.wait(timeout=30)
+
+
+def run_peft_baseline(float_model, tokenizer, adapters_dir: Path, names: list[str], workload) -> dict:
+    """Waves of one request per client, each wave one PEFT mixed-adapter generate() call."""
+    import bitsandbytes as bnb
+    from peft import PeftModel
+
+    from lightning_qlora.quantization.tensor import quantize_4bit
+
+    model = float_model
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)  # fmt: skip
+            weight = module.weight.detach()
+            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=64,
+                                             compress_statistics=True)  # fmt: skip
+            layer = layer.to("cpu")
+            if not torch.equal(layer.weight.data.view(-1), quantize_4bit(weight, "nf4", 64, double_quant=True).packed.view(-1)):
+                raise RuntimeError(f"bitsandbytes and lightning_qlora NF4 codes differ for {name}")
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+    peft_model = PeftModel.from_pretrained(model, adapters_dir / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(adapters_dir / name, adapter_name=name)
+    peft_model.eval()
+    tokenizer.padding_side = "left"
+    waves = max(len(w) for w in workload)
+    latencies, tokens = [], 0
+    start = time.perf_counter()
+    for wave in range(waves):
+        batch = [w[wave] for w in workload if wave < len(w)]
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+                 for _, p, _ in batch]  # fmt: skip
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        wave_start = time.perf_counter()
+        with torch.inference_mode():
+            out = peft_model.generate(**enc, adapter_names=[a for a, _, _ in batch], max_new_tokens=max(m for *_, m in batch),
+                                      do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        elapsed = time.perf_counter() - wave_start
+        for row in out[:, enc["input_ids"].shape[1]:]:
+            generated = row.tolist()
+            if tokenizer.eos_token_id in generated:
+                generated = generated[: generated.index(tokenizer.eos_token_id)]
+            tokens += len([t for t in generated if t != tokenizer.pad_token_id])
+            latencies.append(elapsed)
+    return {"wall": time.perf_counter() - start, "tokens": tokens, "latencies": latencies}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--adapters", type=int, default=4)
+    parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from lightning_qlora.models import load_smollm2
+
+    float_model, tokenizer = load_smollm2()
+    rng = random.Random(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        names = make_adapters(float_model, args.adapters, root)
+        workload = [[(rng.choice(names), rng.choice(PROMPTS), args.max_tokens) for _ in range(args.requests_per_client)]
+                    for _ in range(args.clients)]  # fmt: skip
+        ours = run_server_load(root, workload, args.max_batch)
+        peft = run_peft_baseline(float_model, tokenizer, root, names, workload)
+    ours_tps, peft_tps = ours["tokens"] / ours["wall"], peft["tokens"] / peft["wall"]
+    print(f"workload: {args.clients} clients x {args.requests_per_client} requests, {args.adapters} adapters "
+          f"(ranks 8/16/32), max_tokens={args.max_tokens}, greedy, SmolLM2-135M NF4, {args.threads} threads")  # fmt: skip
+    print(f"{'':28s}{'tokens':>8s}{'wall s':>9s}{'tok/s':>9s}{'p50 s':>8s}{'p90 s':>8s}{'p99 s':>8s}")
+    for label, r in (("lightning_qlora (HTTP)", ours), ("PEFT adapter_names batch", peft)):
+        lat = r["latencies"]
+        print(f"{label:28s}{r['tokens']:8d}{r['wall']:9.2f}{r['tokens'] / r['wall']:9.2f}{statistics.median(lat):8.2f}"
+              f"{percentile(lat, 0.9):8.2f}{percentile(lat, 0.99):8.2f}")  # fmt: skip
+    print(f"throughput ratio (ours / PEFT, same run): {ours_tps / peft_tps:.2f}x")
+    peak = ours["peak"]
+    print(f"pool: peak {peak['used_pages']}/{peak.get('num_pages', '?')} pages seen ({peak['occupancy']:.1%}; "
+          f"kv {peak.get('kv_pages', 0)}, adapters {peak.get('adapter_pages', 0)}), page = {peak.get('page_size', '?')} "
+          f"floats; adapter loads {ours['final']['adapter_loads']}, evictions {ours['final']['evictions']}")  # fmt: skip
+    print(json.dumps({"ours_tok_s": round(ours_tps, 3), "peft_tok_s": round(peft_tps, 3)}))
+
+
+if __name__ == "__main__":
+    main()

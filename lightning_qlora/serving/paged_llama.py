@@ -1,0 +1,222 @@
+"""A Llama forward pass over a paged KV cache with per-row adapters (batched heterogeneous LoRA).
+
+The weights are those of a transformers ``LlamaForCausalLM`` whose Linear layers were quantized
+to 4 bits (:func:`~lightning_qlora.quantization.convert.quantize_linears`); this module only runs
+them differently from ``model.forward``: a step takes any mix of sequences (a prompt being
+prefilled, many sequences decoding one token), reads and writes their K/V in pool pages through
+per-sequence page tables, and adds each row's own adapter to every adaptable projection with one
+``lightning_qlora::bgmv`` call per projection on top of the fused 4-bit base product:
+
+    y = x @ dequant(W_nf4)^T + scale_s * (x @ A_s^T) @ B_s^T      (s = the row's adapter slot)
+
+Numerics follow transformers' Llama (RMSNorm in float32, rotary embedding from the model's own
+``rotary_emb``, softmax attention with grouped K/V heads); sums differ in order only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_qlora.ops import op
+from lightning_qlora.quantization.linear import Linear4bit
+from lightning_qlora.serving.pool import PagePool
+
+#: The projections of a Llama block that adapters may target, in table order.
+ADAPTABLE_PROJECTIONS: tuple[str, ...] = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)  # fmt: skip
+
+
+@dataclass
+class StepLoRA:
+    """The adapter tables of one step: slot ``s`` of the step is one resident adapter.
+
+    Attributes:
+        a_rows / b_rows: ``(M, S, R)`` int64 pool offsets; ``ranks`` ``(M, S)``; ``scales`` ``(M, S)`` float32.
+        row_slots: ``(N,)`` int64 slot of each token row (-1 = base model only).
+        active: ``(M,)`` bool, whether any slot adapts module ``m`` (else the BGMV call is skipped).
+    """
+
+    a_rows: torch.Tensor
+    b_rows: torch.Tensor
+    ranks: torch.Tensor
+    scales: torch.Tensor
+    row_slots: torch.Tensor
+    active: list[bool]
+
+
+@dataclass
+class SequenceStep:
+    """One sequence's share of a step.
+
+    Attributes:
+        tokens: ``(q,)`` new token ids (the prompt when prefilling, one token when decoding).
+        past: tokens already in its KV cache.
+        page_table: ``(num_layers, blocks)`` int64 pool pages of its KV cache.
+        slot: its adapter slot in the step's :class:`StepLoRA` (-1 = base model).
+    """
+
+    tokens: torch.Tensor
+    past: int
+    page_table: torch.Tensor
+    slot: int
+
+
+class PagedLlama:
+    """Runs a (4-bit) ``LlamaForCausalLM`` over a :class:`PagePool` KV cache.
+
+    Args:
+        model: a transformers Llama causal LM (any Linear may be :class:`Linear4bit`).
+        pool: the page pool shared with the adapters.
+    """
+
+    def __init__(self, model: nn.Module, pool: PagePool) -> None:
+        config = model.config
+        if getattr(config, "model_type", None) not in ("llama", "smollm2", "mistral"):
+            raise ValueError(f"PagedLlama serves Llama-architecture models, got model_type={config.model_type!r}.")
+        self.model = model.eval()
+        self.pool = pool
+        self.layers = model.model.layers
+        self.num_layers = len(self.layers)
+        attention = self.layers[0].self_attn
+        self.head_dim = attention.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = attention.scaling
+        self.kv_dim = self.num_kv_heads * self.head_dim
+        self.max_positions = int(config.max_position_embeddings)
+        self.tokens_per_page = pool.page_size // (2 * self.kv_dim)
+        if self.tokens_per_page < 1:
+            raise ValueError(f"pool pages of {pool.page_size} floats cannot hold one token's K and V of one layer "
+                             f"({2 * self.kv_dim} floats); use page_size >= {2 * self.kv_dim}.")  # fmt: skip
+        self.module_names: list[str] = []
+        self.module_shapes: dict[str, tuple[int, int]] = {}
+        self._modules: list[nn.Module] = []
+        self._weight_args: dict[int, tuple] = {}
+        for index, layer in enumerate(self.layers):
+            for projection in ADAPTABLE_PROJECTIONS:
+                module = layer.get_submodule(projection)
+                name = f"model.layers.{index}.{projection}"
+                self.module_names.append(name)
+                self.module_shapes[name] = (module.in_features, module.out_features)
+                self._modules.append(module)
+                if isinstance(module, Linear4bit):  # decode the double-quantized absmax once
+                    w = module.weight
+                    self._weight_args[len(self._modules) - 1] = (w.packed, w.block_absmax(), w.code, w.blocksize,
+                                                                 list(w.shape))  # fmt: skip
+
+    def kv_pages_for(self, tokens: int) -> int:
+        """Pool pages the KV cache of a sequence of ``tokens`` tokens occupies (all layers)."""
+        return self.num_layers * -(-tokens // self.tokens_per_page)
+
+    # -- pieces --------------------------------------------------------------------------------
+    def _linear(self, m: int, x: torch.Tensor, lora: StepLoRA | None) -> torch.Tensor:
+        module = self._modules[m]
+        args = self._weight_args.get(m)
+        if args is not None:
+            y = op("linear_4bit")(x, *args)
+            if module.bias is not None:
+                y = y + module.bias
+        else:
+            y = module(x)
+        if lora is not None and lora.active[m]:
+            y = y + op("bgmv")(x, self.pool.data, lora.a_rows[m], lora.b_rows[m], lora.ranks[m], lora.scales[m],
+                               lora.row_slots, y.shape[-1])  # fmt: skip
+        return y
+
+    def _attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
+        """``q (N, H, d)``, new ``k, v (N, Hkv, d)`` -> ``(N, H * d)``; writes k, v to the pool first."""
+        flat = self.pool.data
+        rows = len(plan.sequences)
+        kv = torch.cat([k.reshape(-1, self.kv_dim), v.reshape(-1, self.kv_dim)], dim=1)  # (N, 2 * kv_dim)
+        flat[plan.write_offsets[layer].unsqueeze(1) + plan.kv_arange] = kv
+        pages = self.pool.data.view(self.pool.num_pages, self.pool.page_size)[plan.read_pages[:, layer]]
+        cache = pages[..., : self.tokens_per_page * 2 * self.kv_dim].reshape(rows, -1, 2, self.num_kv_heads, self.head_dim)
+        keys = cache[:, : plan.max_keys, 0].transpose(1, 2)  # (n, Hkv, K, d)
+        values = cache[:, : plan.max_keys, 1].transpose(1, 2)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+        queries = q.new_zeros(rows * plan.max_queries, self.num_heads, self.head_dim)
+        queries[plan.query_rows] = q
+        queries = queries.view(rows, plan.max_queries, self.num_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=plan.mask, scale=self.scaling)
+        out = out.transpose(1, 2).reshape(rows * plan.max_queries, self.num_heads * self.head_dim)
+        return out[plan.query_rows]
+
+    @torch.inference_mode()
+    def forward(self, sequences: list[SequenceStep], lora: StepLoRA | None) -> torch.Tensor:
+        """Run one step; returns the float32 logits ``(len(sequences), vocab)`` of each sequence's last token."""
+        plan = _StepPlan.build(sequences, self)
+        hidden = self.model.model.embed_tokens(plan.tokens)  # (N, hidden)
+        cos, sin = self.model.model.rotary_emb(hidden.unsqueeze(0), plan.positions.unsqueeze(0))
+        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (N, 1, d)
+        per_layer = len(ADAPTABLE_PROJECTIONS)
+        for index, layer in enumerate(self.layers):
+            base = index * per_layer
+            x = layer.input_layernorm(hidden)
+            q = self._linear(base + 0, x, lora).view(-1, self.num_heads, self.head_dim)
+            k = self._linear(base + 1, x, lora).view(-1, self.num_kv_heads, self.head_dim)
+            v = self._linear(base + 2, x, lora).view(-1, self.num_kv_heads, self.head_dim)
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            hidden = hidden + self._linear(base + 3, self._attention(index, q, k, v, plan), lora)
+            x = layer.post_attention_layernorm(hidden)
+            gate = layer.mlp.act_fn(self._linear(base + 4, x, lora)) * self._linear(base + 5, x, lora)
+            hidden = hidden + self._linear(base + 6, gate, lora)
+        last = self.model.model.norm(hidden[plan.last_rows])
+        return self.model.lm_head(last).float()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class _StepPlan:
+    """Index tensors of one step, shared by every layer."""
+
+    sequences: list[SequenceStep]
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    write_offsets: torch.Tensor  # (L, N) pool offset of each new token's K|V
+    kv_arange: torch.Tensor
+    read_pages: torch.Tensor  # (n, L, blocks) padded page tables
+    query_rows: torch.Tensor  # (N,) row of each token in the padded (n * Qmax) query batch
+    last_rows: torch.Tensor  # (n,) flat row of each sequence's last token
+    mask: torch.Tensor  # (n, 1, Qmax, Kmax) bool
+    max_queries: int
+    max_keys: int
+
+    @staticmethod
+    def build(sequences: list[SequenceStep], runner: PagedLlama) -> _StepPlan:
+        tpp, page_size = runner.tokens_per_page, runner.pool.page_size
+        lengths = [s.tokens.numel() for s in sequences]
+        max_queries = max(lengths)
+        max_keys = max(s.past + q for s, q in zip(sequences, lengths))
+        blocks = max(s.page_table.shape[1] for s in sequences)
+        read_pages = torch.zeros(len(sequences), runner.num_layers, blocks, dtype=torch.int64)
+        positions, query_rows, writes = [], [], []
+        for row, (s, q) in enumerate(zip(sequences, lengths)):
+            if s.past + q > s.page_table.shape[1] * tpp:
+                raise ValueError(f"sequence needs {s.past + q} KV slots but its page table holds {s.page_table.shape[1] * tpp}.")
+            read_pages[row, :, : s.page_table.shape[1]] = s.page_table
+            pos = torch.arange(s.past, s.past + q)
+            positions.append(pos)
+            query_rows.append(row * max_queries + torch.arange(q))
+            page = s.page_table[:, pos // tpp]  # (L, q)
+            writes.append(page * page_size + (pos % tpp) * 2 * runner.kv_dim)
+        positions_t = torch.cat(positions)
+        key_index = torch.arange(max_keys)
+        query_index = torch.arange(max_queries)
+        past = torch.tensor([s.past for s in sequences]).view(-1, 1, 1)
+        mask = (key_index.view(1, 1, -1) <= past + query_index.view(1, -1, 1)).unsqueeze(1)
+        last_rows = torch.tensor(lengths).cumsum(0) - 1
+        return _StepPlan(sequences, torch.cat([s.tokens for s in sequences]), positions_t, torch.cat(writes, dim=1),
+                         torch.arange(2 * runner.kv_dim), read_pages, torch.cat(query_rows), last_rows, mask,
+                         max_queries, max_keys)  # fmt: skip
