@@ -1,0 +1,180 @@
+"""Evaluating an instruction-tuned causal LM: exact match by greedy generation, and test perplexity.
+
+Exact match compares the generated answer (decoded without special tokens, surrounding
+whitespace stripped) with the reference answer, character for character: the right
+score for tasks with one correct, strictly formatted answer.
+
+Example:
+    >>> examples = read_instruction_jsonl(task_paths("iso_dates")["test_path"])
+    >>> metrics = evaluate_instruction_model(model, tokenizer, examples, max_new_tokens=12)
+    >>> metrics["exact_match"], metrics["perplexity"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torchmetrics
+from rich.progress import Progress
+from torch import nn
+from torchmetrics.text import Perplexity
+
+from lightning_qlora.data.chat import IGNORE_INDEX, generation_prompt_ids, pad_batch, pad_token_id
+from lightning_qlora.data.datamodule import encode_examples
+from lightning_qlora.data.records import InstructionExample
+
+
+class ExactMatch(torchmetrics.Metric):
+    """Fraction of predictions equal to their reference after stripping surrounding whitespace.
+
+    ``exact_match = correct / total``; states are summed across processes. ``compute()``
+    before any ``update`` returns NaN (there is no score of zero examples).
+
+    Example:
+        >>> metric = ExactMatch()
+        >>> metric.update(["2021-03-05", " 1999-12-31\\n"], ["2021-03-05", "1999-12-30"])
+        >>> metric.compute()
+        tensor(0.5000)
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+    correct: torch.Tensor
+    total: torch.Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, predictions: Sequence[str], references: Sequence[str]) -> None:
+        """Add a batch of predicted and reference strings (same length)."""
+        if isinstance(predictions, str) or isinstance(references, str):
+            raise TypeError("ExactMatch.update takes sequences of strings; wrap a single string in a list.")
+        if len(predictions) != len(references):
+            raise ValueError(f"{len(predictions)} predictions but {len(references)} references; they must pair up.")
+        self.correct += sum(p.strip() == r.strip() for p, r in zip(predictions, references))
+        self.total += len(references)
+
+    def compute(self) -> torch.Tensor:
+        """``correct / total`` as a float tensor (NaN when nothing was added)."""
+        return self.correct.float() / self.total
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    # restore each module's own flag: models often mix modes (frozen parts kept in eval)
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _batches(count: int, batch_size: int, description: str, show_progress: bool) -> Iterator[range]:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+    with Progress(disable=not show_progress, transient=True) as progress:
+        task = progress.add_task(description, total=count)
+        for start in range(0, count, batch_size):
+            chunk = range(start, min(start + batch_size, count))
+            yield chunk
+            progress.advance(task, len(chunk))
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def generate_answers(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[InstructionExample],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 16,
+    show_progress: bool = True,
+) -> list[str]:
+    """Greedy answers of ``model`` to each example's prompt messages, in the order of ``examples``.
+
+    Prompts are sorted by length and left-padded in batches (less padding, and every
+    sequence's last prompt token sits at the same position). Generation stops at the
+    tokenizer's EOS (the chat end-of-turn token for instruct models) or after ``max_new_tokens``.
+
+    Args:
+        model: a transformers causal LM (has ``generate``).
+        tokenizer: its tokenizer, with a chat template.
+        examples: what to answer; only ``prompt_messages`` are shown to the model.
+        batch_size: prompts generated together.
+        max_new_tokens: cap on the answer length (the answer is cut there).
+        show_progress: show a rich progress bar.
+
+    Returns:
+        decoded answers, special tokens removed, surrounding whitespace stripped.
+    """
+    prompts = [generation_prompt_ids(tokenizer, example) for example in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    pad_id = pad_token_id(tokenizer)
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    answers: list[str] = [""] * len(prompts)
+    device = _device(model)
+    with _eval_mode(model):
+        for chunk in _batches(len(order), batch_size, "generating answers", show_progress):
+            indices = [order[i] for i in chunk]
+            batch = pad_batch([{"input_ids": prompts[i]} for i in indices], pad_id, padding_side="left")
+            output = model.generate(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=eos_id,
+            )  # fmt: skip
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            for index, text in zip(indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                answers[index] = text.strip()
+    return answers
+
+
+def evaluate_loss(model: nn.Module, tokenizer: Any, examples: Sequence[InstructionExample], *, batch_size: int = 16,
+                  max_length: int | None = None, show_progress: bool = True) -> dict[str, float]:  # fmt: skip
+    """Answer-token loss and perplexity of ``model`` on ``examples`` (teacher forcing).
+
+    Uses the same encoding as training (labels only on the answer), so ``loss`` is
+    comparable with the training loss; it is averaged over answer tokens of the whole set
+    (not over batches), and ``perplexity = exp(loss)``.
+    """
+    encoded = encode_examples(tokenizer, examples, max_length, "evaluation")
+    perplexity = Perplexity(ignore_index=IGNORE_INDEX).to(_device(model))
+    pad_id = pad_token_id(tokenizer)
+    device = _device(model)
+    with _eval_mode(model):
+        for chunk in _batches(len(encoded), batch_size, "test loss", show_progress):
+            batch = {k: v.to(device) for k, v in pad_batch([encoded[i] for i in chunk], pad_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # token t predicts token t+1
+            perplexity.update(logits[:, :-1].float(), batch["labels"][:, 1:])
+    value = float(perplexity.compute())
+    return {"loss": math.log(value), "perplexity": value}
+
+
+def evaluate_instruction_model(model: nn.Module, tokenizer: Any, examples: Sequence[InstructionExample], *,
+                               batch_size: int = 32, max_new_tokens: int = 16, max_length: int | None = None,
+                               show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Exact match (greedy generation) and answer loss/perplexity on ``examples``.
+
+    Returns:
+        ``{"exact_match": float in [0, 1], "loss": float, "perplexity": float, "num_examples": int,
+        "predictions": list[str]}`` (drop ``predictions`` before logging the rest as metrics).
+    """
+    predictions = generate_answers(model, tokenizer, examples, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, show_progress=show_progress)  # fmt: skip
+    metric = ExactMatch()
+    metric.update(predictions, [example.reference for example in examples])
+    loss = evaluate_loss(model, tokenizer, examples, batch_size=batch_size, max_length=max_length,
+                         show_progress=show_progress)  # fmt: skip
+    return {"exact_match": float(metric.compute()), **loss, "num_examples": len(examples), "predictions": predictions}

@@ -1,0 +1,104 @@
+"""Exact match (metric and greedy generation) and answer perplexity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_qlora.adapters import LoRAConfig, adapter_param_groups
+from lightning_qlora.data import (
+    ExactMatch,
+    InstructionDataModule,
+    InstructionExample,
+    encode_example,
+    evaluate_instruction_model,
+    evaluate_loss,
+    generate_answers,
+)
+from lightning_qlora.qlora import QLoRASpec, apply_qlora
+
+from .helpers import make_tiny_llama, write_jsonl
+
+
+def test_exact_match_metric():
+    metric = ExactMatch()
+    with pytest.warns(UserWarning, match="before the ``update``"):
+        assert math.isnan(metric.compute().item())
+    metric.update(["2021-03-05", " 1999-12-31\n", "1999-12-31."], ["2021-03-05", "1999-12-31", "1999-12-31"])
+    metric.update(["a"], ["A"])  # case matters: the format is part of the answer
+    assert metric.compute().item() == pytest.approx(2 / 4)
+    assert (metric.correct.item(), metric.total.item()) == (2, 4)
+    metric.reset()
+    metric.update([], [])
+    assert metric.total.item() == 0
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        metric.update(["a", "b"], ["a"])
+    with pytest.raises(TypeError, match="sequences of strings"):
+        metric.update("abc", "abc")
+
+
+PROMPTS = ["hi", "a longer prompt", "mid one", "x", "another, longer, prompt!"]
+
+
+def test_batched_left_padded_generation_equals_one_by_one(char_tokenizer):
+    model = make_tiny_llama(len(char_tokenizer), seed=3)
+    examples = [InstructionExample.from_prompt(p, "?") for p in PROMPTS]
+    batched = generate_answers(model, char_tokenizer, examples, batch_size=5, max_new_tokens=6, show_progress=False)
+    single = [generate_answers(model, char_tokenizer, [e], batch_size=1, max_new_tokens=6, show_progress=False)[0]
+              for e in examples]  # fmt: skip
+    assert batched == single
+    assert all(isinstance(a, str) and len(a) <= 6 for a in batched)
+
+
+def test_loss_is_the_token_weighted_answer_nll(char_tokenizer):
+    model = make_tiny_llama(len(char_tokenizer), seed=1)
+    examples = [InstructionExample.from_prompt("ab", "c"), InstructionExample.from_prompt("q", "longer answer")]
+    total_nll, total_tokens = 0.0, 0
+    for example in examples:
+        ids = encode_example(char_tokenizer, example)
+        labels = torch.tensor([ids["labels"]])
+        with torch.no_grad():
+            mean = model(input_ids=torch.tensor([ids["input_ids"]]), labels=labels).loss.item()
+        count = int((labels[0, 1:] != -100).sum())
+        total_nll += mean * count
+        total_tokens += count
+    metrics = evaluate_loss(model, char_tokenizer, examples, batch_size=2, show_progress=False)
+    assert metrics["loss"] == pytest.approx(total_nll / total_tokens, rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(total_nll / total_tokens), rel=1e-5)
+
+
+def test_qlora_fine_tune_reaches_full_exact_match(char_tokenizer, tmp_path):
+    """Masked labels + the same prompt at train and eval time: a tiny NF4 model learns the answers."""
+    records = [f'{{"prompt": "{p}", "response": "{p[::-1][:3]}"}}' for p in PROMPTS]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    data = InstructionDataModule(char_tokenizer, train_path=path, batch_size=len(records))
+    data.setup("fit")
+    model = make_tiny_llama(len(char_tokenizer))
+    apply_qlora(model, QLoRASpec(mode="nf4-dq", adapter=LoRAConfig(r=8, alpha=16)))
+    examples = data.examples["train"]
+    before = evaluate_instruction_model(model, char_tokenizer, examples, max_new_tokens=5, show_progress=False)
+    optimizer = torch.optim.AdamW(adapter_param_groups(model, lr=1e-2))
+    batch = next(iter(data.train_dataloader()))
+    model.train()
+    for _ in range(150):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = evaluate_instruction_model(model, char_tokenizer, examples, max_new_tokens=5, show_progress=False)
+    assert before["exact_match"] == 0.0
+    assert after["predictions"] == [p[::-1][:3] for p in PROMPTS]
+    # the frozen random head of a tiny model caps its confidence: the loss falls, but not to ~0
+    assert after["exact_match"] == 1.0 and after["loss"] < 0.8 * before["loss"]
+    assert after["num_examples"] == len(PROMPTS) and model.training  # evaluation restores the mode
+
+
+def test_evaluation_restores_mixed_module_modes_and_checks_batch_size(char_tokenizer):
+    model = make_tiny_llama(len(char_tokenizer)).train()
+    model.model.layers[0].eval()
+    examples = [InstructionExample.from_prompt("hi", "x")]
+    generate_answers(model, char_tokenizer, examples, max_new_tokens=2, show_progress=False)
+    assert model.training and not model.model.layers[0].training and not model.model.layers[0].mlp.training
+    with pytest.raises(ValueError, match="batch_size=0"):
+        generate_answers(model, char_tokenizer, examples, batch_size=0, show_progress=False)
