@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m lightning_qlora.quantization.report
+	$(VENV)/bin/lightning-qlora
 
 test: $(STAMP)
 	$(PY) -m pytest

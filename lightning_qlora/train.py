@@ -153,7 +153,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model, tokenizer = _build(cfg.model)
     data = _build(cfg.data, tokenizer=tokenizer)
     data.setup("test")
-    module = QLoRAModule(model, optimizer=optimizer)
+    module = QLoRAModule(model, optimizer=optimizer, adapters_only_checkpoints=cfg.adapters_only_checkpoints)
     plugin.convert_module(module)  # now, so the "before" numbers are the quantized base's (fit skips it)
     results: dict[str, Any] = {"run_dir": str(run_dir), "trainable_params": trainable_parameter_count(module)}
     evaluate = trainer.is_global_zero and not cfg.trainer.get("fast_dev_run")

@@ -36,3 +36,35 @@ def test_callbacks_example(method, tmp_path, capsys, monkeypatch):
         assert list(tmp_path.rglob("adalora_ranks.png"))
     else:
         assert list(tmp_path.rglob("lora_drop_importance.png"))
+
+
+@pytest.mark.slow
+def test_finetune_with_trainer_example(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["finetune_with_trainer.py"])
+    runpy.run_path(str(EXAMPLES / "finetune_with_trainer.py"), run_name="__main__")
+    assert "test exact match" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_finetune_with_fabric_example(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["finetune_with_fabric.py"])
+    runpy.run_path(str(EXAMPLES / "finetune_with_fabric.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    first, last = (float(v) for v in out.split("loss ")[-1].split(" over")[0].split(" -> "))
+    assert last < first
+
+
+@pytest.mark.slow
+def test_wandb_offline_example(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["wandb_offline.py", str(tmp_path)])
+    runpy.run_path(str(EXAMPLES / "wandb_offline.py"), run_name="__main__")
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert list(run.glob("*.wandb")) and (tmp_path / "loss_curves.png").is_file()
+
+
+@pytest.mark.slow
+def test_sweep_example(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["sweep.py", str(tmp_path)])
+    runpy.run_path(str(EXAMPLES / "sweep.py"), run_name="__main__")
+    rows = [line for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]
+    assert len(rows) == 6 and {row.split()[1] for row in rows} == {"lora", "dora", "vera"}

@@ -93,7 +93,8 @@ def test_tensorboard_event_files_are_written(tmp_path):
 
 def test_two_job_multirun_from_another_directory(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "lightning_qlora.train", "-m", *SMOKE, "adapter=lora,dora", "trainer=debug",
+    # lightning_qlora.cli is the console script's entry point (Hydra then finds conf/ as a package)
+    command = [sys.executable, "-m", "lightning_qlora.cli", "-m", *SMOKE, "adapter=lora,dora", "trainer=debug",
                f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
