@@ -66,14 +66,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def run_server_load(adapters_dir: Path, workload: list[list[tuple[str, str, int]]], max_batch: int) -> dict:
+def run_server_load(adapters_dir: Path, workload: list[list[tuple[str, str, int]]], max_batch: int,
+                    num_pages: int = 8192) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     log = open(adapters_dir / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "lightning_qlora.serving.cli", "serve", f"adapters_dir={adapters_dir}",
-                               "model=smollm2", f"port={port}", "num_pages=8192", f"max_batch_size={max_batch}",
+                               "model=smollm2", f"port={port}", f"num_pages={num_pages}", f"max_batch_size={max_batch}",
                                "log_level=warning"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)  # fmt: skip
     try:
@@ -181,6 +182,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--num-pages", type=int, default=8192, help="server page pool size (pages)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from lightning_qlora.models import load_smollm2
@@ -192,7 +194,7 @@ def main() -> None:
         names = make_adapters(float_model, args.adapters, root)
         workload = [[(rng.choice(names), rng.choice(PROMPTS), args.max_tokens) for _ in range(args.requests_per_client)]
                     for _ in range(args.clients)]  # fmt: skip
-        ours = run_server_load(root, workload, args.max_batch)
+        ours = run_server_load(root, workload, args.max_batch, args.num_pages)
         peft = run_peft_baseline(float_model, tokenizer, root, names, workload)
     ours_tps, peft_tps = ours["tokens"] / ours["wall"], peft["tokens"] / peft["wall"]
     print(f"workload: {args.clients} clients x {args.requests_per_client} requests, {args.adapters} adapters "
