@@ -33,18 +33,7 @@ lq::cpu::FloatType float_type(at::ScalarType type) {
 lq::Codebook4 prepare_codebook(const at::Tensor& code) {
   TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16, "codebook must be 16 float32 values");
   auto values = code.contiguous();
-  const float* data = values.data_ptr<float>();
-  lq::Codebook4 book{};
-  int order[16];
-  std::iota(order, order + 16, 0);
-  std::stable_sort(order, order + 16, [&](int a, int b) { return data[a] < data[b]; });
-  for (int i = 0; i < 16; ++i) {
-    book.values[i] = data[i];
-    book.order[i] = static_cast<uint8_t>(order[i]);
-    book.sorted[i] = data[order[i]];
-  }
-  for (int i = 0; i < 15; ++i) book.midpoints[i] = (book.sorted[i] + book.sorted[i + 1]) / 2.0f;
-  return book;
+  return lq::make_codebook4(values.data_ptr<float>());
 }
 
 // A fresh large output is backed by untouched pages; writing it costs one page fault per 4 KiB

@@ -6,6 +6,7 @@
 // Compile-checked with nvcc (sm_80, sm_90); never run on a GPU here.
 #include <stdint.h>
 
+#include "launchers.h"
 #include "lightning_qlora/bgmv.h"
 
 namespace lightning_qlora {

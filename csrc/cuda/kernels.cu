@@ -6,12 +6,11 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "launchers.h"
 #include "lightning_qlora/element.h"
 
 namespace lightning_qlora {
 namespace cuda {
-
-enum class FloatType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 template <typename T>
 __device__ __forceinline__ float to_float(T value);

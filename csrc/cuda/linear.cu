@@ -4,12 +4,12 @@
 // Compile-checked with nvcc in CI (sm_80, sm_90); never run on a GPU here.
 #include <stdint.h>
 
+#include "launchers.h"
 #include "lightning_qlora/element.h"
 
 namespace lightning_qlora {
 namespace cuda {
 
-constexpr int kMaxFusedRows = 8;
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 4;
 

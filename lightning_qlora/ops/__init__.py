@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_qlora.ops import _extension, reference, schemas  # noqa: F401 -- _extension registers the CPU kernels
+from lightning_qlora.ops import _cuda_extension, _extension, reference, schemas  # noqa: F401 -- they register the kernels
 from lightning_qlora.ops.schemas import NAMESPACE, num_blocks, qualified_name
 
 #: Names of every op we declare.

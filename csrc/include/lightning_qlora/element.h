@@ -27,6 +27,28 @@ struct Codebook4 {
   float values[16];  // index = code (for decoding)
 };
 
+// Host: prepare a codebook from its 16 values (index = code). The sort is stable, so equal
+// values keep code order; midpoints are the float32 means of sorted neighbours.
+inline Codebook4 make_codebook4(const float* values) {
+  Codebook4 book{};
+  int order[16];
+  for (int i = 0; i < 16; ++i) {
+    book.values[i] = values[i];
+    int j = i;  // insertion sort: stable, 16 entries
+    while (j > 0 && values[order[j - 1]] > values[i]) {
+      order[j] = order[j - 1];
+      --j;
+    }
+    order[j] = i;
+  }
+  for (int i = 0; i < 16; ++i) {
+    book.order[i] = static_cast<uint8_t>(order[i]);
+    book.sorted[i] = values[order[i]];
+  }
+  for (int i = 0; i < 15; ++i) book.midpoints[i] = (book.sorted[i] + book.sorted[i + 1]) / 2.0f;
+  return book;
+}
+
 // Number of midpoints strictly below x (torch.bucketize with right=False).
 LQ_HD int bucket_of(const Codebook4& book, float x) {
   int index = 0;

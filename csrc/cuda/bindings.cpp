@@ -1,0 +1,164 @@
+// Python bindings of the CUDA kernels: the only CUDA-side file that sees torch. It checks what
+// would corrupt memory, takes raw pointers, and calls the launchers of csrc/cuda/*.cu on the
+// stream Python passes in (torch.cuda.current_stream().cuda_stream; Python also selects the
+// device). Only torch's device-independent headers are used, so this file compiles against
+// any torch build -- CI compile-checks it with nvcc against the CPU wheel's headers. Typed
+// validation happens in Python first (ops/_extension.py), as for the CPU kernels. Never run on
+// a GPU here (the build machines have none).
+#include <torch/extension.h>
+
+#include <numeric>
+
+#include "launchers.h"
+
+namespace lq = lightning_qlora;
+namespace lqc = lightning_qlora::cuda;
+
+namespace {
+
+cudaStream_t as_stream(int64_t handle) { return reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(handle)); }
+
+void check_launch(cudaError_t status, const char* op) {
+  TORCH_CHECK(status == cudaSuccess, "lightning_qlora CUDA ", op, " failed: ", cudaGetErrorString(status));
+}
+
+lqc::FloatType float_type(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat:
+      return lqc::FloatType::kFloat32;
+    case at::kHalf:
+      return lqc::FloatType::kFloat16;
+    case at::kBFloat16:
+      return lqc::FloatType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "lightning_qlora CUDA kernels take float32, float16 or bfloat16, got ", type);
+  }
+}
+
+// The codebook is tiny and read on the host to build the kernels' by-value Codebook4.
+lq::Codebook4 host_codebook(const at::Tensor& code) {
+  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16, "codebook must be 16 float32 values");
+  auto values = code.to(at::kCPU).contiguous();
+  return lq::make_codebook4(values.data_ptr<float>());
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& input, const at::Tensor& code, int64_t blocksize,
+                                                 c10::optional<int64_t> seed, int64_t stream) {
+  TORCH_CHECK(input.is_cuda() && blocksize > 0 && blocksize % 2 == 0, "bad quantize_4bit call");
+  auto source = input.contiguous();
+  const int64_t n = source.numel();
+  auto packed = at::empty({(n + 1) / 2}, source.options().dtype(at::kByte));
+  auto absmax = at::empty({(n + blocksize - 1) / blocksize}, source.options().dtype(at::kFloat));
+  check_launch(lqc::launch_quantize_4bit(source.data_ptr(), float_type(source.scalar_type()), n, host_codebook(code),
+                                         blocksize, seed.has_value(), static_cast<uint64_t>(seed.value_or(0)),
+                                         packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
+                                         as_stream(stream)),
+               "quantize_4bit");
+  return {packed, absmax};
+}
+
+at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
+                           std::vector<int64_t> shape, at::ScalarType dtype, int64_t stream) {
+  const int64_t n = std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<int64_t>());
+  TORCH_CHECK(packed.is_cuda() && packed.scalar_type() == at::kByte && packed.numel() == (n + 1) / 2,
+              "packed size does not match shape");
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.numel() == (n + blocksize - 1) / blocksize, "absmax size");
+  auto out = at::empty(shape, packed.options().dtype(dtype));
+  auto codes = packed.contiguous();
+  auto scales = absmax.contiguous();
+  check_launch(lqc::launch_dequantize_4bit(codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), host_codebook(code), n,
+                                           blocksize, float_type(dtype), out.data_ptr(),
+                                           as_stream(stream)),
+               "dequantize_4bit");
+  return out;
+}
+
+void check_weight(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
+                  const std::vector<int64_t>& shape) {
+  TORCH_CHECK(shape.size() == 2, "4-bit linear needs a 2-D weight shape (out, in), got ", shape.size(), " dims");
+  const int64_t n = shape[0] * shape[1];
+  TORCH_CHECK(packed.is_cuda() && packed.scalar_type() == at::kByte && packed.numel() == (n + 1) / 2,
+              "packed size does not match shape");
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.numel() == (n + blocksize - 1) / blocksize, "absmax size");
+  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16, "codebook must be 16 float32 values");
+}
+
+// x (..., in) @ W^T: fused GEMV for up to kMaxFusedRows rows, else dequantize + cuBLAS.
+at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed_in, const at::Tensor& absmax_in,
+                       const at::Tensor& code_in, int64_t blocksize, std::vector<int64_t> shape, int64_t stream) {
+  check_weight(packed_in, absmax_in, code_in, blocksize, shape);
+  const int64_t out_features = shape[0], in_features = shape[1];
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "input has ", x.size(-1), " features, weight expects ",
+              in_features);
+  auto packed = packed_in.contiguous();
+  auto absmax = absmax_in.contiguous();
+  auto code = code_in.to(x.device()).contiguous();
+  auto rows = x.reshape({-1, in_features}).to(at::kFloat).contiguous();
+  const int64_t batch = rows.size(0);
+  at::Tensor y;
+  if (batch <= lqc::kMaxFusedRows && batch > 0) {
+    y = at::empty({batch, out_features}, rows.options());
+    check_launch(lqc::launch_gemv_4bit(rows.data_ptr<float>(), batch, packed.data_ptr<uint8_t>(),
+                                       absmax.data_ptr<float>(), code.data_ptr<float>(), out_features, in_features,
+                                       blocksize, y.data_ptr<float>(), as_stream(stream)),
+                 "linear_4bit");
+  } else {
+    y = at::mm(rows, dequantize_4bit(packed, absmax, code, blocksize, shape, at::kFloat, stream).t());
+  }
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = out_features;
+  return y.view(out_shape).to(x.scalar_type());
+}
+
+// grad (..., out) @ W -> (..., in) without materializing W.
+at::Tensor linear_4bit_input_grad(const at::Tensor& grad, const at::Tensor& packed_in, const at::Tensor& absmax_in,
+                                  const at::Tensor& code_in, int64_t blocksize, std::vector<int64_t> shape,
+                                  int64_t stream) {
+  check_weight(packed_in, absmax_in, code_in, blocksize, shape);
+  const int64_t out_features = shape[0], in_features = shape[1];
+  TORCH_CHECK(grad.dim() >= 1 && grad.size(-1) == out_features, "gradient has ", grad.size(-1),
+              " features, weight has ", out_features, " outputs");
+  auto packed = packed_in.contiguous();
+  auto absmax = absmax_in.contiguous();
+  auto code = code_in.to(grad.device()).contiguous();
+  auto rows = grad.reshape({-1, out_features}).to(at::kFloat).contiguous();
+  auto result = at::empty({rows.size(0), in_features}, rows.options());
+  check_launch(lqc::launch_input_grad_4bit(rows.data_ptr<float>(), rows.size(0), packed.data_ptr<uint8_t>(),
+                                           absmax.data_ptr<float>(), code.data_ptr<float>(), out_features,
+                                           in_features, blocksize, result.data_ptr<float>(),
+                                           as_stream(stream)),
+               "linear_4bit_input_grad");
+  auto out_shape = grad.sizes().vec();
+  out_shape.back() = in_features;
+  return result.view(out_shape).to(grad.scalar_type());
+}
+
+// Batched heterogeneous LoRA (lightning_qlora/bgmv.h): y[b] = scale_s * B_s (A_s x[b]), s = indices[b].
+at::Tensor bgmv(const at::Tensor& x, const at::Tensor& pool, const at::Tensor& a_rows, const at::Tensor& b_rows,
+                const at::Tensor& ranks, const at::Tensor& scales, const at::Tensor& indices, int64_t out_features,
+                int64_t stream) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.scalar_type() == at::kFloat, "bgmv takes float32 (rows, in) on CUDA");
+  TORCH_CHECK(a_rows.dim() == 2 && b_rows.sizes() == a_rows.sizes(), "bgmv row tables must be (slots, max_rank)");
+  auto xs = x.contiguous();
+  auto pages = pool.contiguous();
+  auto a = a_rows.contiguous(), b = b_rows.contiguous(), r = ranks.contiguous(), s = scales.contiguous();
+  auto index = indices.contiguous();
+  auto y = at::empty({xs.size(0), out_features}, xs.options());
+  check_launch(lqc::launch_bgmv(xs.data_ptr<float>(), xs.size(0), xs.size(1), out_features, pages.data_ptr<float>(),
+                                a.data_ptr<int64_t>(), b.data_ptr<int64_t>(), r.data_ptr<int64_t>(),
+                                s.data_ptr<float>(), a.size(1), index.data_ptr<int64_t>(), y.data_ptr<float>(),
+                                as_stream(stream)),
+               "bgmv");
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lightning_qlora CUDA kernels";
+  m.def("quantize_4bit", &quantize_4bit, "blockwise 4-bit quantization");
+  m.def("dequantize_4bit", &dequantize_4bit, "blockwise 4-bit dequantization");
+  m.def("linear_4bit", &linear_4bit, "x @ W^T with a 4-bit weight");
+  m.def("linear_4bit_input_grad", &linear_4bit_input_grad, "grad @ W with a 4-bit weight");
+  m.def("bgmv", &bgmv, "batched heterogeneous LoRA");
+}

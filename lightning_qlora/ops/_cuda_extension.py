@@ -1,0 +1,130 @@
+"""The compiled CUDA kernels (``csrc/cuda``): built on first use on a CUDA machine, registered for ``cuda``.
+
+Like the CPU kernels, these are built with ``torch.utils.cpp_extension.load`` the first time an
+op runs on a CUDA tensor (nvcc needed), cached, and fall back to the reference kernels with one
+warning if the build fails; ``LIGHTNING_QLORA_FORCE_REFERENCE=1`` forces the reference path.
+Each wrapper validates with the same typed errors as the CPU path, selects the tensor's device,
+and passes the current stream to the launchers.
+
+Verified here only by compilation (``make cuda-check`` compiles every ``.cu`` file and
+``csrc/cuda/bindings.cpp`` with nvcc): the machines this is developed on have no GPU, so none
+of this has run.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lightning_qlora.errors import BLOCK_SIZES_4BIT, check_block_size, check_float_dtype, check_output_dtype
+from lightning_qlora.ops import reference
+from lightning_qlora.ops._extension import CSRC, _force_reference, _put_ninja_on_path
+from lightning_qlora.ops.schemas import (
+    check_bgmv_args,
+    check_codebook,
+    check_dequantize_4bit_args,
+    check_linear_4bit_args,
+    qualified_name,
+)
+
+SOURCES = ("bindings.cpp", "kernels.cu", "linear.cu", "bgmv.cu")
+
+
+@functools.cache
+def cuda_extension() -> Any | None:
+    """The compiled CUDA module, or ``None`` (with one warning) if it cannot be built here."""
+    sources = [CSRC / "cuda" / name for name in SOURCES]
+    if not torch.cuda.is_available() or not all(path.is_file() for path in sources):
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        _put_ninja_on_path()
+        return load(
+            name="lightning_qlora_cuda",
+            sources=[str(path) for path in sources],
+            extra_include_paths=[str(CSRC / "include"), str(CSRC / "cuda")],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3", "-fmad=false"],  # no fused multiply-adds: the CPU build (and tests) use none
+            verbose=False,
+        )
+    except Exception as error:  # noqa: BLE001 -- any build failure must leave the package usable
+        warnings.warn(f"lightning_qlora: building the CUDA kernels failed ({error!r}); using the reference kernels.",
+                      stacklevel=2)  # fmt: skip
+        return None
+
+
+def _extension() -> Any | None:
+    return None if _force_reference() else cuda_extension()
+
+
+def _stream(tensor: torch.Tensor) -> int:
+    return torch.cuda.current_stream(tensor.device).cuda_stream
+
+
+def _quantize_4bit_cuda(A: torch.Tensor, code: torch.Tensor, blocksize: int, seed: int | None = None) -> Any:
+    extension = _extension()
+    if extension is None:
+        return reference.quantize_4bit(A, code, blocksize, seed)
+    check_float_dtype(A)
+    check_block_size(blocksize, BLOCK_SIZES_4BIT)
+    check_codebook(code, 16)
+    with torch.cuda.device(A.device):
+        return extension.quantize_4bit(A, code, blocksize, seed, _stream(A))
+
+
+def _dequantize_4bit_cuda(
+    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: Sequence[int], dtype: torch.dtype
+) -> torch.Tensor:
+    extension = _extension()
+    if extension is None:
+        return reference.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype)
+    check_output_dtype(dtype)
+    check_dequantize_4bit_args(packed, absmax, code, blocksize, shape)
+    with torch.cuda.device(packed.device):
+        return extension.dequantize_4bit(packed, absmax, code, blocksize, [int(d) for d in shape], dtype, _stream(packed))
+
+
+def _linear_4bit_cuda(
+    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: Sequence[int]
+) -> torch.Tensor:
+    extension = _extension()
+    if extension is None:
+        return reference.linear_4bit(x, packed, absmax, code, blocksize, shape)
+    check_linear_4bit_args(x, packed, absmax, code, blocksize, shape, features_dim=1)
+    with torch.cuda.device(x.device):
+        return extension.linear_4bit(x, packed, absmax, code, blocksize, [int(d) for d in shape], _stream(x))
+
+
+def _linear_4bit_input_grad_cuda(
+    grad: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+    shape: Sequence[int],
+) -> torch.Tensor:  # fmt: skip
+    extension = _extension()
+    if extension is None:
+        return reference.linear_4bit_input_grad(grad, packed, absmax, code, blocksize, shape)
+    check_linear_4bit_args(grad, packed, absmax, code, blocksize, shape, features_dim=0)
+    with torch.cuda.device(grad.device):
+        return extension.linear_4bit_input_grad(grad, packed, absmax, code, blocksize, [int(d) for d in shape],
+                                                _stream(grad))  # fmt: skip
+
+
+def _bgmv_cuda(x: torch.Tensor, pool: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor, ranks: torch.Tensor,
+               scales: torch.Tensor, indices: torch.Tensor, out_features: int) -> torch.Tensor:  # fmt: skip
+    extension = _extension()
+    if extension is None:
+        return reference.bgmv(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
+    check_bgmv_args(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
+    with torch.cuda.device(x.device):
+        return extension.bgmv(x, pool, a_rows, b_rows, ranks, scales, indices, out_features, _stream(x))
+
+
+torch.library.register_kernel(qualified_name("quantize_4bit"), "cuda", _quantize_4bit_cuda)
+torch.library.register_kernel(qualified_name("dequantize_4bit"), "cuda", _dequantize_4bit_cuda)
+torch.library.register_kernel(qualified_name("linear_4bit"), "cuda", _linear_4bit_cuda)
+torch.library.register_kernel(qualified_name("linear_4bit_input_grad"), "cuda", _linear_4bit_input_grad_cuda)
+torch.library.register_kernel(qualified_name("bgmv"), "cuda", _bgmv_cuda)
