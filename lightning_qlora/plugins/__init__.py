@@ -1,5 +1,7 @@
-"""Lightning plugins: ``NF4Precision`` turns a stock Trainer (or Fabric) into a QLoRA trainer."""
+"""Lightning plugins: ``NF4Precision`` turns a stock Trainer (or Fabric) into a QLoRA trainer;
+``FSDPNF4Precision`` is the same for :class:`~lightning_qlora.strategies.QLoRAFSDPStrategy`."""
 
+from lightning_qlora.plugins.fsdp_precision import FSDPNF4Precision
 from lightning_qlora.plugins.nf4_precision import FabricNF4Precision, NF4Precision, convert_before_checkpoint_restore
 
-__all__ = ["FabricNF4Precision", "NF4Precision", "convert_before_checkpoint_restore"]
+__all__ = ["FSDPNF4Precision", "FabricNF4Precision", "NF4Precision", "convert_before_checkpoint_restore"]

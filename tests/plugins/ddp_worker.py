@@ -1,4 +1,4 @@
-"""One rank of the 2-process CPU DDP test (run by test_ddp.py with torchrun-style env vars)."""
+"""One rank of the 2-process CPU DDP/FSDP tests (run by test_ddp.py with torchrun-style env vars)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_qlora.adapters import LoRAConfig
 from lightning_qlora.module import QLoRAModule
-from lightning_qlora.plugins import NF4Precision
+from lightning_qlora.plugins import FSDPNF4Precision, NF4Precision
+from lightning_qlora.quantization.tensor import Quantized4bitTensor
+from lightning_qlora.strategies import QLoRAFSDPStrategy
 
 
 class LoggedQLoRA(QLoRAModule):
@@ -29,7 +31,7 @@ class LoggedQLoRA(QLoRAModule):
         return loss
 
 
-def main(devices: int, batch_per_device: int, out: str) -> None:
+def main(devices: int, batch_per_device: int, out: str, strategy: str = "ddp") -> None:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
@@ -40,15 +42,31 @@ def main(devices: int, batch_per_device: int, out: str) -> None:
     # single process's batch k of 4 rows, so the global batches are the same
     sampler = DistributedSampler(rows, num_replicas=devices, rank=int(os.environ.get("RANK", 0)), shuffle=False)
     data = DataLoader(rows, batch_size=batch_per_device, sampler=sampler)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=8,
+    plugin = dict(mode="nf4-dq", compute_dtype="fp32", adapter=LoRAConfig(r=4, alpha=8))
+    if devices == 1:
+        strategy_object, precision = "auto", NF4Precision(**plugin)
+    elif strategy == "fsdp":
+        strategy_object, precision = QLoRAFSDPStrategy(), FSDPNF4Precision(**plugin)
+    else:
+        strategy_object, precision = "ddp", NF4Precision(**plugin)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy_object, max_steps=8,
                         logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         use_distributed_sampler=False,
-                        plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=LoRAConfig(r=4, alpha=8))])  # fmt: skip
+                        plugins=[precision])  # fmt: skip
     trainer.fit(module, train_dataloaders=data)
+    if strategy == "fsdp" and devices > 1:  # how much of the flat (float) parameter this rank holds
+        flat = trainer.strategy.model._handle.flat_param
+        sizes = [flat.numel(), flat._unpadded_unsharded_size.numel(),
+                 sum(p.numel() for p in module.parameters() if isinstance(p, Quantized4bitTensor))]
+        with open(f"{out}.rank{trainer.global_rank}.sharding", "w") as handle:
+            json.dump(sizes, handle)
     if trainer.global_rank == 0:
         with open(out, "w") as handle:
             json.dump(module.global_losses, handle)
+    if torch.distributed.is_initialized():  # leave together: exiting with gloo threads alive can abort a rank
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], *sys.argv[4:5])

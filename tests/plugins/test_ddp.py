@@ -1,4 +1,4 @@
-"""DDP with 2 CPU processes (gloo) gives the loss curve of one process with the same global batch."""
+"""DDP and FSDP with 2 CPU processes (gloo) give the loss curve of one process with the same global batch."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run_ranks(world: int, batch: int, out: Path) -> None:
+def _run_ranks(world: int, batch: int, out: Path, strategy: str = "ddp") -> None:
     port = _free_port()
     processes = []
     for rank in range(world):
@@ -28,7 +28,7 @@ def _run_ranks(world: int, batch: int, out: Path) -> None:
                    LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", OMP_NUM_THREADS="1")  # fmt: skip
         # torchelastic-style variables make Lightning use these processes instead of launching its own
         env["TORCHELASTIC_RUN_ID"] = "lightning-qlora-test"
-        processes.append(subprocess.Popen([sys.executable, str(WORKER), str(world), str(batch), str(out)], env=env,
+        processes.append(subprocess.Popen([sys.executable, str(WORKER), str(world), str(batch), str(out), strategy], env=env,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
     outputs = [p.communicate(timeout=600)[0] for p in processes]
     for process, output in zip(processes, outputs, strict=True):
@@ -36,8 +36,9 @@ def _run_ranks(world: int, batch: int, out: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_single_process(tmp_path):
-    _run_ranks(2, 2, tmp_path / "ddp.json")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_ddp_matches_single_process(tmp_path, strategy):
+    _run_ranks(2, 2, tmp_path / "ddp.json", strategy)
     single = tmp_path / "single.json"
     subprocess.run([sys.executable, str(WORKER), "1", "4", str(single)], check=True, capture_output=True,
                    env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
@@ -48,3 +49,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     for step, (ddp, single) in enumerate(zip(ddp_losses, single_losses, strict=True)):
         assert abs(ddp - single) < 1e-4 * abs(single), (step, ddp, single)
     assert ddp_losses[-1] < ddp_losses[0]
+    if strategy == "fsdp":  # each rank holds half of the float parameters; the 4-bit weights stay whole
+        for rank in range(2):
+            local, full, packed_4bit = json.loads((tmp_path / f"ddp.json.rank{rank}.sharding").read_text())
+            assert local == -(-full // 2) and packed_4bit > 0
