@@ -164,6 +164,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=data, ckpt_path=_resolve_ckpt_path(cfg.ckpt_path, run_dir))
     results["train_seconds"] = time.perf_counter() - fit_start
     results["steps"] = trainer.global_step
+    results["optimizer"] = type(trainer.optimizers[0]).__name__ if trainer.optimizers else None
 
     if evaluate and cfg.evaluate.after:
         results["after"] = _evaluate(module, tokenizer, data.examples["test"], cfg, "fine-tuned")

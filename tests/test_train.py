@@ -78,6 +78,13 @@ def test_main_job_path_end_to_end_on_the_tiny_model(tmp_path):
     assert resumed["steps"] == 6
 
 
+def test_paged_strategy_pages_the_optimizer_state(tmp_path):
+    results = run(_compose([*SMOKE, "strategy=paged", "evaluate.before=false", "evaluate.after=false",
+                            "trainer.max_steps=2"], tmp_path))  # fmt: skip
+    assert results["optimizer"] == "PagedAdamW" and results["steps"] == 2
+    assert (tmp_path / "optimizer_pages").is_dir()
+
+
 def test_wandb_offline_run_files_are_written(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     run(_compose([*SMOKE, "logger=wandb", "evaluate.before=false", "trainer.max_steps=2"], tmp_path))
