@@ -119,3 +119,15 @@ def test_config_mistakes_fail_before_training(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="/nowhere/train.jsonl"):
         run(_compose([*SMOKE, "data=jsonl", "data.train_path=/nowhere/train.jsonl"], tmp_path))
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_a_job(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "lightning_qlora.cli", "-m", "launcher=submitit_local", *SMOKE, "trainer=debug",
+               f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results,) = (tmp_path / "sweep").glob("*/results.json")
+    assert json.loads(results.read_text())["steps"] == 1
+    assert list((tmp_path / "sweep" / ".submitit").rglob("*_log.out"))  # it ran as a submitit job
