@@ -11,12 +11,11 @@ Lightning's own ``FSDPStrategy`` refuses the CPU accelerator; FSDP training work
 the gloo backend, which is how this is tested here (2 processes: the loss curve equals one
 process with the same global batch, and each rank holds half of the float parameters).
 
-What was verified and what was not (torch 2.13, CPU): training -- yes; saving checkpoints --
-only as sharded (``torch.distributed.checkpoint``) directories, which is therefore the default on
-CPU: FSDP's full-state-dict gathering crashes inside torch on CPU (it reads a freed unsharded
-storage); resuming from a sharded checkpoint restores the weights exactly but not yet the
-optimizer state (the first resumed step matches the uninterrupted run, later ones drift by
-~1e-3 relative), so exact FSDP resume is open. On CUDA none of this could be run here.
+What was verified and what was not (torch 2.13, CPU): training, and checkpoints written as
+sharded (``torch.distributed.checkpoint``) directories -- the default on CPU, because FSDP's
+full-state-dict gathering crashes inside torch on CPU (it reads a freed unsharded storage) --
+from which ``fit(ckpt_path=...)`` resumes to a bit-identical loss curve. On CUDA none of this
+could be run here.
 Use it with :class:`~lightning_qlora.plugins.FSDPNF4Precision`::
 
     Trainer(accelerator="cpu", devices=2, strategy=QLoRAFSDPStrategy(),

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
 import transformers
 from torch.utils.data import DataLoader, DistributedSampler
@@ -31,7 +33,8 @@ class LoggedQLoRA(QLoRAModule):
         return loss
 
 
-def main(devices: int, batch_per_device: int, out: str, strategy: str = "ddp") -> None:
+def main(devices: int, batch_per_device: int, out: str, strategy: str = "ddp", steps: str = "8", save_dir: str = "-",
+         resume: str = "-") -> None:  # fmt: skip
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
@@ -49,11 +52,12 @@ def main(devices: int, batch_per_device: int, out: str, strategy: str = "ddp") -
         strategy_object, precision = QLoRAFSDPStrategy(), FSDPNF4Precision(**plugin)
     else:
         strategy_object, precision = "ddp", NF4Precision(**plugin)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy_object, max_steps=8,
-                        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy_object, max_steps=int(steps),
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=save_dir != "-", default_root_dir=str(Path(out).parent),
+                        callbacks=[ModelCheckpoint(dirpath=save_dir, every_n_train_steps=4, save_top_k=-1)] if save_dir != "-" else [],
                         use_distributed_sampler=False,
                         plugins=[precision])  # fmt: skip
-    trainer.fit(module, train_dataloaders=data)
+    trainer.fit(module, train_dataloaders=data, ckpt_path=None if resume == "-" else resume)
     if strategy == "fsdp" and devices > 1:  # how much of the flat (float) parameter this rank holds
         flat = trainer.strategy.model._handle.flat_param
         sizes = [flat.numel(), flat._unpadded_unsharded_size.numel(),
@@ -69,4 +73,4 @@ def main(devices: int, batch_per_device: int, out: str, strategy: str = "ddp") -
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], *sys.argv[4:5])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], *sys.argv[4:8])

@@ -20,7 +20,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run_ranks(world: int, batch: int, out: Path, strategy: str = "ddp") -> None:
+def _run_ranks(world: int, batch: int, out: Path, strategy: str = "ddp", *extra: str) -> None:
     port = _free_port()
     processes = []
     for rank in range(world):
@@ -28,7 +28,7 @@ def _run_ranks(world: int, batch: int, out: Path, strategy: str = "ddp") -> None
                    LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", OMP_NUM_THREADS="1")  # fmt: skip
         # torchelastic-style variables make Lightning use these processes instead of launching its own
         env["TORCHELASTIC_RUN_ID"] = "lightning-qlora-test"
-        processes.append(subprocess.Popen([sys.executable, str(WORKER), str(world), str(batch), str(out), strategy], env=env,
+        processes.append(subprocess.Popen([sys.executable, str(WORKER), str(world), str(batch), str(out), strategy, *extra], env=env,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
     outputs = [p.communicate(timeout=600)[0] for p in processes]
     for process, output in zip(processes, outputs, strict=True):
@@ -53,3 +53,15 @@ def test_two_process_ddp_matches_single_process(tmp_path, strategy):
         for rank in range(2):
             local, full, packed_4bit = json.loads((tmp_path / f"ddp.json.rank{rank}.sharding").read_text())
             assert local == -(-full // 2) and packed_4bit > 0
+
+
+@pytest.mark.slow
+def test_fsdp_resume_matches_the_uninterrupted_run(tmp_path):
+    _run_ranks(2, 2, tmp_path / "full.json", "fsdp", "8")
+    _run_ranks(2, 2, tmp_path / "first.json", "fsdp", "4", str(tmp_path / "checkpoints"))
+    (checkpoint,) = (tmp_path / "checkpoints").glob("*step=4*")  # a sharded checkpoint directory on CPU
+    assert checkpoint.is_dir()
+    _run_ranks(2, 2, tmp_path / "resumed.json", "fsdp", "8", "-", str(checkpoint))
+    full = json.loads((tmp_path / "full.json").read_text())
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed == full[4:]  # bit-identical: weights and optimizer state restored exactly
