@@ -104,4 +104,4 @@ class QLoRAModule(L.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        convert_before_checkpoint_restore(self)
+        convert_before_checkpoint_restore(self, checkpoint)

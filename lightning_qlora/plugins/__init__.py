@@ -2,6 +2,13 @@
 ``FSDPNF4Precision`` is the same for :class:`~lightning_qlora.strategies.QLoRAFSDPStrategy`."""
 
 from lightning_qlora.plugins.fsdp_precision import FSDPNF4Precision
-from lightning_qlora.plugins.nf4_precision import FabricNF4Precision, NF4Precision, convert_before_checkpoint_restore
+from lightning_qlora.plugins.nf4_precision import (
+    CheckpointModeError,
+    FabricNF4Precision,
+    NF4Precision,
+    check_checkpoint_mode,
+    convert_before_checkpoint_restore,
+)
 
-__all__ = ["FSDPNF4Precision", "FabricNF4Precision", "NF4Precision", "convert_before_checkpoint_restore"]
+__all__ = ["CheckpointModeError", "FSDPNF4Precision", "FabricNF4Precision", "NF4Precision", "check_checkpoint_mode",
+           "convert_before_checkpoint_restore"]

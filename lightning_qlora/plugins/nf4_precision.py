@@ -17,6 +17,7 @@ gives LoRA+ its faster B).
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -29,7 +30,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_qlora.adapters import adapter_layers
-from lightning_qlora.qlora import QLoRASpec, apply_qlora, resolve_compute_dtype
+from lightning_qlora.qlora import QLoRAConfigError, QLoRASpec, apply_qlora, resolve_compute_dtype
 from lightning_qlora.quantization.tensor import Quantized4bitTensor
 
 
@@ -127,17 +128,71 @@ class NF4Precision(Precision, FabricNF4Precision):
     """QLoRA precision for ``lightning.Trainer`` (see :class:`FabricNF4Precision` for the arguments)."""
 
 
-def convert_before_checkpoint_restore(pl_module: Any) -> None:
-    """Convert ``pl_module`` now if its Trainer uses :class:`NF4Precision` (idempotent).
+class CheckpointModeError(QLoRAConfigError):
+    """A checkpoint's base weights were quantized another way than this run quantizes them."""
+
+
+_STATE_MARK = ".weight.quant_state.bitsandbytes__"
+
+
+def _layer_mode(quant_type: str, double_quant: bool, blocksize: int) -> str:
+    return f"{quant_type}{'-dq' if double_quant else ''} (blocksize {blocksize})"
+
+
+def check_checkpoint_mode(module: nn.Module, state_dict: dict[str, Any], mode: str) -> None:
+    """Raise :class:`CheckpointModeError` if ``state_dict``'s 4-bit weights do not match ``module``'s.
+
+    ``module`` is already converted; adapters-only checkpoints (no base weights) always pass.
+    The message names the first mismatching layer, both modes, and the ``mode=`` to load with.
+    """
+    current = {name: p for name, p in module.named_parameters() if isinstance(p, Quantized4bitTensor)}
+    for key, value in state_dict.items():
+        if _STATE_MARK not in key:
+            continue
+        name = key.split(".quant_state.", 1)[0]
+        try:
+            meta = json.loads(bytes(value.tolist()).decode())
+            saved = _layer_mode(meta["quant_type"], "nested_blocksize" in meta, int(meta["blocksize"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointModeError(f"checkpoint entry {key!r} is not a readable 4-bit quant state ({error}).") from None
+        weight = current.get(name)
+        if weight is None:
+            raise CheckpointModeError(
+                f"the checkpoint holds a 4-bit {saved} weight for {name!r}, but this run uses mode={mode!r} and that "
+                f"layer is not 4-bit; load it with NF4Precision(mode={saved.split(' ')[0]!r})."
+            )
+        here = _layer_mode(weight.quant_type, weight.double_quantized, weight.blocksize)
+        if here != saved:
+            raise CheckpointModeError(
+                f"the checkpoint's {name!r} is {saved}, this run quantizes it as {here}; load it with "
+                f"NF4Precision(mode={saved.split(' ')[0]!r}, blocksize={meta['blocksize']})."
+            )
+    if current and not any(_STATE_MARK in key for key in state_dict):
+        float_base = [name for name in current if name in state_dict]
+        if float_base:
+            raise CheckpointModeError(
+                f"the checkpoint holds float weights for {float_base[0]!r} (a mode='none' run), but this run is "
+                f"mode={mode!r}; load it with NF4Precision(mode='none')."
+            )
+
+
+def convert_before_checkpoint_restore(pl_module: Any, checkpoint: dict[str, Any] | None = None) -> None:
+    """Convert ``pl_module`` now if its Trainer uses :class:`NF4Precision` (idempotent), and check ``checkpoint``.
 
     Lightning restores a checkpoint's model weights *before* the strategy calls
     ``convert_module``, so a checkpoint holding 4-bit weights and adapters would meet a float
     model. Call this first thing in ``LightningModule.on_load_checkpoint``::
 
         def on_load_checkpoint(self, checkpoint):
-            convert_before_checkpoint_restore(self)
+            convert_before_checkpoint_restore(self, checkpoint)
+
+    With ``checkpoint`` given, a checkpoint quantized in another mode raises
+    :class:`CheckpointModeError` before any weight is loaded.
     """
     trainer = getattr(pl_module, "_trainer", None)
     plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
-    if isinstance(plugin, FabricNF4Precision):
-        plugin.convert_module(pl_module)
+    qlora = getattr(plugin, "qlora", plugin)  # FSDPNF4Precision wraps the plugin
+    if isinstance(qlora, FabricNF4Precision):
+        qlora.convert_module(pl_module)
+        if checkpoint is not None and isinstance(checkpoint.get("state_dict"), dict):
+            check_checkpoint_mode(pl_module, checkpoint["state_dict"], qlora.spec.mode)

@@ -46,7 +46,7 @@ class BranchModule(L.LightningModule):
         return loss
 
     def on_load_checkpoint(self, checkpoint):
-        convert_before_checkpoint_restore(self)
+        convert_before_checkpoint_restore(self, checkpoint)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(adapter_param_groups(self, lr=2e-2))

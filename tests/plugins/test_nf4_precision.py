@@ -31,7 +31,7 @@ class TinyLlamaModule(L.LightningModule):
         return loss
 
     def on_load_checkpoint(self, checkpoint):
-        convert_before_checkpoint_restore(self)
+        convert_before_checkpoint_restore(self, checkpoint)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(adapter_param_groups(self, lr=1e-2))
@@ -129,3 +129,26 @@ def test_fabric_plugin_converts_and_trains():
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]
     assert all(layer.base.weight.quant_type == "fp4" for layer in adapter_layers(model).values())
+
+
+@pytest.mark.parametrize(
+    ("saved", "loading", "message"),
+    [
+        ("fp4", "nf4-dq", "is fp4 \\(blocksize 64\\), this run quantizes it as nf4-dq \\(blocksize 64\\).*mode='fp4'"),
+        ("nf4-dq", "none", "4-bit nf4-dq \\(blocksize 64\\) weight.*mode='none'.*mode='nf4-dq'"),
+        ("none", "nf4", "float weights.*mode='none'"),
+    ],
+)
+def test_checkpoint_from_another_quant_mode_is_refused(tmp_path, saved, loading, message):
+    from lightning_qlora.plugins import CheckpointModeError
+
+    checkpoint = tmp_path / "saved.ckpt"
+    first = TinyLlamaModule()
+    trainer = _trainer(max_steps=2, plugins=[NF4Precision(mode=saved, compute_dtype="fp32", adapter=LoRAConfig(r=4))])
+    trainer.fit(first)
+    trainer.save_checkpoint(checkpoint)
+    second = TinyLlamaModule()
+    with pytest.raises(CheckpointModeError, match=message):
+        _trainer(max_steps=4, plugins=[NF4Precision(mode=loading, compute_dtype="fp32", adapter=LoRAConfig(r=4))]).fit(
+            second, ckpt_path=str(checkpoint))  # fmt: skip
+    assert second.losses == []
