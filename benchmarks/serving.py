@@ -109,6 +109,9 @@ def run_server_load(adapters_dir: Path, workload: list[list[tuple[str, str, int]
                     peak.update(stats)
                 time.sleep(0.05)
 
+        for adapter in sorted({a for w in workload for a, _, _ in w}):  # load every adapter before timing, as PEFT's are
+            body = {"model": adapter, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0}
+            requests.post(f"{url}/v1/chat/completions", json=body, timeout=600).raise_for_status()
         watcher = threading.Thread(target=monitor)
         watcher.start()
         threads = [threading.Thread(target=client, args=(w,)) for w in workload]
@@ -125,6 +128,47 @@ def run_server_load(adapters_dir: Path, workload: list[list[tuple[str, str, int]
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # LitServe forks workers: stop the whole group
         server.wait(timeout=30)
+
+
+def run_engine_in_process(float_model, tokenizer, adapters_dir: Path, workload, max_batch: int, num_pages: int) -> dict:
+    """The same clients against the engine in this process (no HTTP): separates serving overhead from compute."""
+    import copy
+
+    from lightning_qlora.quantization.convert import quantize_linears
+    from lightning_qlora.serving.engine import GenerationEngine
+    from lightning_qlora.serving.sampling import SamplingParams
+
+    model = copy.deepcopy(float_model)
+    quantize_linears(model, "nf4", 64, True)
+    engine = GenerationEngine(model, tokenizer, adapters_dir=adapters_dir, num_pages=num_pages, max_batch_size=max_batch)
+    latencies: list[float] = []
+    tokens = [0]
+    lock = threading.Lock()
+
+    def client(requests_of_client: list[tuple[str, str, int]]) -> None:
+        for adapter, prompt, max_tokens in requests_of_client:
+            start = time.perf_counter()
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                 tokenize=False)  # fmt: skip
+            events = list(engine.submit(text, adapter, SamplingParams(max_tokens=max_tokens)))
+            with lock:
+                latencies.append(time.perf_counter() - start)
+                tokens[0] += events[-1].completion_tokens
+
+    engine.start()
+    try:
+        for adapter in sorted({a for w in workload for a, _, _ in w}):  # warm: adapters loaded before timing
+            list(engine.submit("hi", adapter, SamplingParams(max_tokens=1)))
+        threads = [threading.Thread(target=client, args=(w,)) for w in workload]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+    finally:
+        engine.stop()
+    return {"wall": wall, "tokens": tokens[0], "latencies": latencies}
 
 
 def run_peft_baseline(float_model, tokenizer, adapters_dir: Path, names: list[str], workload) -> dict:
@@ -195,21 +239,26 @@ def main() -> None:
         workload = [[(rng.choice(names), rng.choice(PROMPTS), args.max_tokens) for _ in range(args.requests_per_client)]
                     for _ in range(args.clients)]  # fmt: skip
         ours = run_server_load(root, workload, args.max_batch, args.num_pages)
+        engine = run_engine_in_process(float_model, tokenizer, root, workload, args.max_batch, args.num_pages)
         peft = run_peft_baseline(float_model, tokenizer, root, names, workload)
     ours_tps, peft_tps = ours["tokens"] / ours["wall"], peft["tokens"] / peft["wall"]
     print(f"workload: {args.clients} clients x {args.requests_per_client} requests, {args.adapters} adapters "
           f"(ranks 8/16/32), max_tokens={args.max_tokens}, greedy, SmolLM2-135M NF4, {args.threads} threads")  # fmt: skip
-    print(f"{'':28s}{'tokens':>8s}{'wall s':>9s}{'tok/s':>9s}{'p50 s':>8s}{'p90 s':>8s}{'p99 s':>8s}")
-    for label, r in (("lightning_qlora (HTTP)", ours), ("PEFT adapter_names batch", peft)):
+    print(f"{'':36s}{'tokens':>8s}{'wall s':>9s}{'tok/s':>9s}{'p50 s':>8s}{'p90 s':>8s}{'p99 s':>8s}")
+    rows = (("lightning_qlora (HTTP)", ours), ("lightning_qlora engine (in-process)", engine),
+            ("PEFT adapter_names batch", peft))
+    for label, r in rows:
         lat = r["latencies"]
-        print(f"{label:28s}{r['tokens']:8d}{r['wall']:9.2f}{r['tokens'] / r['wall']:9.2f}{statistics.median(lat):8.2f}"
+        print(f"{label:36s}{r['tokens']:8d}{r['wall']:9.2f}{r['tokens'] / r['wall']:9.2f}{statistics.median(lat):8.2f}"
               f"{percentile(lat, 0.9):8.2f}{percentile(lat, 0.99):8.2f}")  # fmt: skip
-    print(f"throughput ratio (ours / PEFT, same run): {ours_tps / peft_tps:.2f}x")
+    engine_tps = engine["tokens"] / engine["wall"]
+    print(f"throughput ratio (ours / PEFT, same run): HTTP {ours_tps / peft_tps:.2f}x, engine in-process "
+          f"{engine_tps / peft_tps:.2f}x")  # fmt: skip
     peak = ours["peak"]
     print(f"pool: peak {peak['used_pages']}/{peak.get('num_pages', '?')} pages seen ({peak['occupancy']:.1%}; "
           f"kv {peak.get('kv_pages', 0)}, adapters {peak.get('adapter_pages', 0)}), page = {peak.get('page_size', '?')} "
           f"floats; adapter loads {ours['final']['adapter_loads']}, evictions {ours['final']['evictions']}")  # fmt: skip
-    print(json.dumps({"ours_tok_s": round(ours_tps, 3), "peft_tok_s": round(peft_tps, 3)}))
+    print(json.dumps({"ours_tok_s": round(ours_tps, 3), "engine_tok_s": round(engine_tps, 3), "peft_tok_s": round(peft_tps, 3)}))
 
 
 if __name__ == "__main__":

@@ -255,26 +255,33 @@ class GenerationEngine:
         return True
 
     def _admit(self) -> None:
-        while self._waiting and len(self._running) < self.max_batch_size:
+        """Admit what fits, then prefill all newly admitted prompts in one forward pass."""
+        admitted: list[tuple[_Request, SequenceStep]] = []
+        while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
             request = self._waiting[0]
             try:
                 adapter = self.registry.acquire(request.adapter_name) if request.adapter_name else None
             except PoolExhaustedError:
-                return  # wait for running requests to free pages
+                break  # wait for running requests to free pages
             kv_pages = self.runner.kv_pages_for(len(request.prompt) + request.params.max_tokens)
             if self.pool.free_pages < kv_pages and not self.registry.evict_until_free(kv_pages):
                 if adapter is not None:
                     self.registry.release(adapter)
-                return
+                break
             self._waiting.popleft()
             request.adapter = adapter
             request.pages = self.pool.allocate(kv_pages, owner=f"kv:{request.handle.id}")
             request.page_table = torch.tensor(request.pages, dtype=torch.int64).view(self.runner.num_layers, -1)
-            step = SequenceStep(torch.tensor(request.prompt), 0, request.page_table, 0 if adapter else -1)
-            logits = self.runner.forward([step], self._step_lora([request], [step]))
+            admitted.append((request, SequenceStep(torch.tensor(request.prompt), 0, request.page_table, -1)))
+        if not admitted:
+            return
+        requests = [request for request, _ in admitted]
+        steps = [step for _, step in admitted]
+        logits = self.runner.forward(steps, self._step_lora(requests, steps))
+        for request, row in zip(requests, logits):
             request.past = len(request.prompt)
             self._running.append(request)
-            self._accept(request, logits[0])
+            self._accept(request, row)
 
     def _decode(self) -> None:
         batch = list(self._running)
