@@ -12,23 +12,10 @@ import transformers
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_qlora.adapters import LoRAConfig
-from lightning_qlora.module import QLoRAModule
 from lightning_qlora.optim import PagedAdamW, PagedState
 from lightning_qlora.plugins import NF4Precision
 from lightning_qlora.strategies import PagedDDPStrategy
-
-
-class LoggedQLoRA(QLoRAModule):
-    """Records the globally averaged loss of every step."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.global_losses: list[float] = []
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        self.global_losses.append(self.all_gather(loss.detach()).mean().item())
-        return loss
+from tests.plugins.ddp_worker import LoggedQLoRA  # PYTHONPATH is the repo root (see test_paged_ddp.py)
 
 
 def main(devices: int, batch_per_device: int, out: str) -> None:
