@@ -1,16 +1,16 @@
 // CPU BGMV for batched heterogeneous LoRA (see lightning_qlora/bgmv.h for the layout).
 //
-// Exposed as a C function, not through bindings.cpp: the Python kernel in
-// lightning_qlora/ops/_extension.py calls it with ctypes on the loaded extension module and raw
-// tensor pointers, after validating dtypes and shapes with our typed errors. Bounds of every
-// pool row the tables name are checked here (cheap, and what would otherwise corrupt memory);
-// a bad table returns a status code instead of reading out of bounds.
+// Bound in bindings.cpp like the other kernels; the Python kernel in ops/_extension.py validates
+// dtypes and shapes with our typed errors first. Bounds of every pool row the tables name are
+// checked here (cheap, and what would otherwise corrupt memory); a bad table returns a status
+// code (kBgmv* in lightning_qlora/bgmv.h) instead of reading out of bounds.
 //
 // Rounding: fp32 throughout; the dot products sum in 16 lanes then lane by lane, so results
 // differ from the PyTorch reference only in summation order.
 #include <stdint.h>
 #include <string.h>
 
+#include "bgmv.h"
 #include "lightning_qlora/bgmv.h"
 
 namespace lightning_qlora {
@@ -62,12 +62,3 @@ int64_t bgmv(const float* x, int64_t rows, int64_t in_features, int64_t out_feat
 
 }  // namespace cpu
 }  // namespace lightning_qlora
-
-// The C entry point ctypes looks up (no name mangling, visible from the shared object).
-extern "C" __attribute__((visibility("default"))) int64_t lightning_qlora_bgmv_f32(
-    const float* x, int64_t rows, int64_t in_features, int64_t out_features, const float* pool, int64_t pool_numel,
-    const int64_t* a_rows, const int64_t* b_rows, const int64_t* ranks, const float* scales, int64_t slots,
-    int64_t max_rank, const int64_t* indices, float* y) {
-  return lightning_qlora::cpu::bgmv(x, rows, in_features, out_features, pool, pool_numel, a_rows, b_rows, ranks,
-                                    scales, slots, max_rank, indices, y);
-}

@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "bgmv.h"
 #include "kernels.h"
 #include "matmul.h"
 
@@ -167,10 +168,26 @@ at::Tensor linear_4bit_input_grad(const at::Tensor& grad, const at::Tensor& pack
   return result.view(out_shape).to(grad.scalar_type());
 }
 
+// Batched heterogeneous LoRA into a preallocated y (rows, out); returns the kernel's status code.
+int64_t bgmv(const at::Tensor& x, const at::Tensor& pool, const at::Tensor& a_rows, const at::Tensor& b_rows,
+             const at::Tensor& ranks, const at::Tensor& scales, const at::Tensor& indices, at::Tensor& y) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "bgmv: x must be contiguous float32 (rows, in)");
+  TORCH_CHECK(pool.scalar_type() == at::kFloat && pool.is_contiguous(), "bgmv: pool must be contiguous float32");
+  TORCH_CHECK(a_rows.dim() == 2 && b_rows.sizes() == a_rows.sizes() && a_rows.is_contiguous() && b_rows.is_contiguous(),
+              "bgmv: row tables must be contiguous (slots, max_rank)");
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.dim() == 2 && y.size(0) == x.size(0) && y.is_contiguous(),
+              "bgmv: y must be contiguous float32 (rows, out)");
+  return lq::cpu::bgmv(x.data_ptr<float>(), x.size(0), x.size(1), y.size(1), pool.data_ptr<float>(), pool.numel(),
+                       a_rows.data_ptr<int64_t>(), b_rows.data_ptr<int64_t>(), ranks.data_ptr<int64_t>(),
+                       scales.data_ptr<float>(), a_rows.size(0), a_rows.size(1), indices.data_ptr<int64_t>(),
+                       y.data_ptr<float>());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lightning_qlora CPU kernels";
+  m.def("bgmv", &bgmv, "batched heterogeneous LoRA; returns a status code");
   m.def("quantize_4bit", &quantize_4bit, "blockwise 4-bit quantization");
   m.def("dequantize_4bit", &dequantize_4bit, "blockwise 4-bit dequantization");
   m.def("linear_4bit", &linear_4bit, "x @ W^T with a 4-bit weight");

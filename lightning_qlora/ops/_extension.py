@@ -13,7 +13,6 @@ extension entirely (debugging, and testing the reference path).
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import shutil
@@ -132,19 +131,6 @@ def _linear_4bit_input_grad_cpu(
     return extension.linear_4bit_input_grad(grad, packed, absmax, code, blocksize, [int(d) for d in shape])
 
 
-@functools.cache
-def _bgmv_entry() -> Any | None:
-    """``lightning_qlora_bgmv_f32`` from the built module (a C function, called with raw pointers)."""
-    extension = cpu_extension()
-    if extension is None:
-        return None
-    function = ctypes.CDLL(extension.__file__).lightning_qlora_bgmv_f32
-    function.restype = ctypes.c_int64
-    function.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64,
-                         *[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-    return function
-
-
 _BGMV_STATUS = {1: "an index names no adapter slot (valid: -1 .. slots-1)", 2: "a rank exceeds the table width",
                 3: "a table names a pool row outside the pool (freed pages or stale offsets)"}  # fmt: skip
 
@@ -159,16 +145,14 @@ def _bgmv_cpu(
     indices: torch.Tensor,
     out_features: int,
 ) -> torch.Tensor:
-    entry = None if _force_reference() else _bgmv_entry()
-    if entry is None:
+    extension = None if _force_reference() else cpu_extension()
+    if extension is None:
         return reference.bgmv(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
     check_bgmv_args(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
     x, pool, a_rows, b_rows = x.contiguous(), pool.contiguous(), a_rows.contiguous(), b_rows.contiguous()
     ranks, scales, indices = ranks.contiguous(), scales.contiguous(), indices.contiguous()
     y = x.new_empty((x.shape[0], out_features))
-    status = entry(x.data_ptr(), x.shape[0], x.shape[1], out_features, pool.data_ptr(), pool.numel(),
-                   a_rows.data_ptr(), b_rows.data_ptr(), ranks.data_ptr(), scales.data_ptr(), a_rows.shape[0],
-                   a_rows.shape[1], indices.data_ptr(), y.data_ptr())  # fmt: skip
+    status = extension.bgmv(x, pool, a_rows, b_rows, ranks, scales, indices, y)
     if status != 0:
         raise ShapeMismatchError(f"bgmv: {_BGMV_STATUS.get(status, f'status {status}')}.")
     return y
