@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 import lightning as L
+import torch
 
 from lightning_qlora.adapters import DoRAConfig, adapter_layers, adapter_param_groups
 from lightning_qlora.data import InstructionDataModule, task_paths
@@ -21,8 +22,6 @@ def main(steps: int = 20) -> None:
     fabric.seed_everything(0)
     model, tokenizer = load_tiny_llama()
     model = fabric.setup_module(model.train())  # the plugin quantizes and injects adapters here
-    import torch
-
     optimizer = fabric.setup_optimizers(torch.optim.AdamW(adapter_param_groups(model, lr=2e-3)))
     data = InstructionDataModule(tokenizer, **task_paths("iso_dates"), batch_size=8, max_length=384)
     data.setup("fit")

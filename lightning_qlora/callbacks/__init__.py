@@ -6,8 +6,9 @@
 * :class:`LossCurves` -- training/validation loss PNG at the end of fit.
 """
 
-from lightning_qlora.callbacks.adalora_budget import AdaLoRABudget, CallbackConfigError, budget_schedule, keep_top_triplets
+from lightning_qlora.callbacks.adalora_budget import AdaLoRABudget, budget_schedule, keep_top_triplets
 from lightning_qlora.callbacks.adapter_summary import AdapterSummary
+from lightning_qlora.callbacks.errors import CallbackConfigError
 from lightning_qlora.callbacks.lora_drop import LoRADrop, select_layers
 from lightning_qlora.callbacks.loss_curves import LossCurves
 

@@ -35,12 +35,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_qlora.adapters import AdaLoRALayer, AdapterConfigError, adapter_layers
+from lightning_qlora.adapters import AdaLoRALayer
+from lightning_qlora.callbacks.errors import CallbackConfigError, required_layers
 from lightning_qlora.callbacks.plots import log_dir, log_image, rank_heatmap
-
-
-class CallbackConfigError(AdapterConfigError):
-    """A callback's settings do not fit the run (raised at construction or at fit start)."""
 
 
 def budget_schedule(step: int, initial_budget: int, target_budget: int, init_warmup: int, final_warmup: int,
@@ -133,13 +130,7 @@ class AdaLoRABudget(L.Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._layers = {n: l for n, l in adapter_layers(pl_module).items() if isinstance(l, AdaLoRALayer)}
-        if not self._layers:
-            methods = sorted({l.config.method for l in adapter_layers(pl_module).values()}) or ["no adapters"]
-            raise CallbackConfigError(
-                f"AdaLoRABudget needs AdaLoRA adapters, the model has {methods}; "
-                "use NF4Precision(adapter=AdaLoRAConfig(...)) or drop the callback."
-            )
+        self._layers = required_layers(pl_module, AdaLoRALayer, "AdaLoRABudget", "AdaLoRA", "AdaLoRAConfig")
         self.initial_budget = sum(layer.config.r for layer in self._layers.values())
         if self.target_budget_arg is not None:
             self.target_budget = self.target_budget_arg

@@ -33,9 +33,9 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_qlora.adapters import LoRADropLayer, adapter_layers, apply_lora_drop
+from lightning_qlora.adapters import LoRADropLayer, apply_lora_drop
 from lightning_qlora.adapters.summary import trainable_parameter_count
-from lightning_qlora.callbacks.adalora_budget import CallbackConfigError
+from lightning_qlora.callbacks.errors import CallbackConfigError, required_layers
 from lightning_qlora.callbacks.plots import importance_bars, log_dir, log_image
 
 
@@ -88,18 +88,9 @@ class LoRADrop(L.Callback):
         self.dropped: list[str] = []
         self.trainable_before = self.trainable_after = 0
 
-    def _layers(self, pl_module: L.LightningModule) -> dict[str, LoRADropLayer]:
-        return {n: l for n, l in adapter_layers(pl_module).items() if isinstance(l, LoRADropLayer)}
-
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        layers = self._layers(pl_module)
-        if not layers:
-            methods = sorted({l.config.method for l in adapter_layers(pl_module).values()}) or ["no adapters"]
-            raise CallbackConfigError(
-                f"LoRADrop needs LoRA-drop adapters, the model has {methods}; "
-                "use NF4Precision(adapter=LoRADropConfig(...)) or drop the callback."
-            )
+        layers = required_layers(pl_module, LoRADropLayer, "LoRADrop", "LoRA-drop", "LoRADropConfig")
         if self.top_n is not None and self.top_n > len(layers):
             raise CallbackConfigError(f"LoRADrop: top_n={self.top_n} exceeds the {len(layers)} LoRA-drop layers.")
         if not self.selected and not trainer.fast_dev_run and 0 < trainer.max_steps <= self.stage1_steps:
@@ -115,7 +106,7 @@ class LoRADrop(L.Callback):
                            batch_idx: int) -> None:  # fmt: skip
         if self.selected or trainer.global_step < self.stage1_steps:
             return
-        layers = self._layers(pl_module)
+        layers = required_layers(pl_module, LoRADropLayer, "LoRADrop", "LoRA-drop", "LoRADropConfig")
         self.importances = {name: layer.importance() for name, layer in layers.items()}
         self.kept = select_layers(self.importances, self.threshold, self.top_n)
         self.trainable_before = trainable_parameter_count(pl_module)

@@ -7,6 +7,7 @@ their pages back as soon as they are quantized (:mod:`lightning_qlora.quantizati
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Iterable
 
@@ -42,7 +43,7 @@ def quantize_linears(
         weight = linear.weight
         # referrers: the old layer's parameter dict, `weight` and getrefcount's argument
         if mappings and sys.getrefcount(weight) <= 3:
-            release_file_backed_pages(weight.detach(), [*model.parameters(), *model.buffers()], mappings)
+            release_file_backed_pages(weight.detach(), itertools.chain(model.parameters(), model.buffers()), mappings)
         del weight
         done.append(name)
     return done

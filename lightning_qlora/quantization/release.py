@@ -64,7 +64,8 @@ def release_file_backed_pages(weight: torch.Tensor, live: Iterable[torch.Tensor]
 
     Args:
         weight: the float weight just replaced by its quantized form.
-        live: every tensor the model still holds (parameters and buffers).
+        live: every tensor the model still holds (parameters and buffers); only read when the
+            weight lies in a file mapping, so it can be a lazy iterable.
         mappings: :func:`file_backed_mappings`, read once per conversion.
 
     Returns:

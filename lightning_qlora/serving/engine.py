@@ -272,7 +272,7 @@ class GenerationEngine:
             request.adapter = adapter
             request.pages = self.pool.allocate(kv_pages, owner=f"kv:{request.handle.id}")
             request.page_table = torch.tensor(request.pages, dtype=torch.int64).view(self.runner.num_layers, -1)
-            admitted.append((request, SequenceStep(torch.tensor(request.prompt), 0, request.page_table, -1)))
+            admitted.append((request, SequenceStep(torch.tensor(request.prompt), 0, request.page_table)))
         if not admitted:
             return
         requests = [request for request, _ in admitted]
@@ -285,7 +285,7 @@ class GenerationEngine:
 
     def _decode(self) -> None:
         batch = list(self._running)
-        steps = [SequenceStep(torch.tensor(r.generated[-1:]), r.past, r.page_table, -1) for r in batch]
+        steps = [SequenceStep(torch.tensor(r.generated[-1:]), r.past, r.page_table) for r in batch]
         logits = self.runner.forward(steps, self._step_lora(batch, steps))
         for request, row in zip(batch, logits):
             request.past += 1

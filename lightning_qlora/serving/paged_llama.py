@@ -58,13 +58,13 @@ class SequenceStep:
         tokens: ``(q,)`` new token ids (the prompt when prefilling, one token when decoding).
         past: tokens already in its KV cache.
         page_table: ``(num_layers, blocks)`` int64 pool pages of its KV cache.
-        slot: its adapter slot in the step's :class:`StepLoRA` (-1 = base model).
+
+    Its adapter is given per row by the step's :class:`StepLoRA`.
     """
 
     tokens: torch.Tensor
     past: int
     page_table: torch.Tensor
-    slot: int
 
 
 class PagedLlama:
