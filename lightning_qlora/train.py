@@ -35,9 +35,11 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_qlora.adapters import AdapterConfigError, save_adapters
 from lightning_qlora.adapters.io import export_peft
 from lightning_qlora.adapters.summary import trainable_parameter_count
+from lightning_qlora.atomic import atomic_write_text
 from lightning_qlora.data import DatasetNotFoundError, evaluate_instruction_model, task_paths
 from lightning_qlora.module import QLoRAModule
 from lightning_qlora.plugins import NF4Precision
+from lightning_qlora.plugins.atomic_checkpoint_io import install_atomic_checkpoint_io
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
@@ -147,6 +149,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [_build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [_build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = _build(cfg.trainer, plugins=[plugin], callbacks=callbacks, logger=loggers or False)
+    # checkpoints as a same-directory temporary + fsync + rename, never a copy from $TMPDIR (issue 15)
+    install_atomic_checkpoint_io(trainer.strategy)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -181,7 +185,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             logger.finalize("success")
         slim = {k: ({kk: vv for kk, vv in v.items() if kk != "predictions"} if isinstance(v, dict) else v)
                 for k, v in results.items()}  # fmt: skip
-        (run_dir / "results.json").write_text(json.dumps(slim, indent=2))
+        atomic_write_text(run_dir / "results.json", json.dumps(slim, indent=2))
         _print_results(results)
     return results
 

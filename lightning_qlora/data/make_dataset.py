@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lightning_qlora.data.records import SPLITS, TASKS_DIR
+from lightning_qlora.errors import ConfigError
 
 _NEWLINE = b"\n"
 
@@ -39,7 +40,7 @@ _FIRST_DAY = datetime.date(1950, 1, 1)
 _LAST_DAY = datetime.date(2049, 12, 31)
 
 
-class DatasetGenerationError(ValueError):
+class DatasetGenerationError(ConfigError):
     """Bad arguments to the generator (unknown task, impossible split sizes)."""
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_qlora.ops import _cuda_extension, _extension, reference, schemas  # noqa: F401 -- they register the kernels
+from lightning_qlora.ops import _build, _cuda_extension, _extension, reference, schemas  # noqa: F401 -- they register the kernels
 from lightning_qlora.ops.schemas import NAMESPACE, num_blocks, qualified_name
 
 #: Names of every op we declare.
@@ -21,6 +21,19 @@ def op(name: str) -> torch._ops.OpOverload:
     return getattr(getattr(torch.ops, NAMESPACE), name).default
 
 
+def build_cpu_extension() -> tuple[bool, float, str | None]:
+    """Build (or load from the cache) the C++ CPU kernels now: ``(ok, seconds, error)``."""
+    return _build.build_result("lightning_qlora_cpu")
+
+
+def build_cuda_extension() -> tuple[bool, float, str | None]:
+    """Build (or load from the cache) the CUDA kernels now: ``(ok, seconds, error)``; needs CUDA and nvcc."""
+    if not torch.cuda.is_available():
+        return False, 0.0, "torch.cuda.is_available() is False"
+    return _build.build_result("lightning_qlora_cuda")
+
+
 from lightning_qlora.ops._extension import backend
 
-__all__ = ["NAMESPACE", "OP_NAMES", "backend", "num_blocks", "op", "qualified_name", "reference", "schemas"]
+__all__ = ["NAMESPACE", "OP_NAMES", "backend", "build_cpu_extension", "build_cuda_extension", "num_blocks", "op",
+           "qualified_name", "reference", "schemas"]

@@ -13,16 +13,16 @@ of this has run.
 
 from __future__ import annotations
 
-import functools
-import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from lightning_qlora.errors import BLOCK_SIZES_4BIT, check_block_size, check_float_dtype, check_output_dtype
 from lightning_qlora.ops import reference
-from lightning_qlora.ops._extension import CSRC, _force_reference, _put_ninja_on_path
+from lightning_qlora.ops._build import CSRC, EXTENSIONS
+from lightning_qlora.ops._extension import _CachedExtension, _force_reference
 from lightning_qlora.ops.schemas import (
     check_bgmv_args,
     check_codebook,
@@ -31,31 +31,19 @@ from lightning_qlora.ops.schemas import (
     qualified_name,
 )
 
-SOURCES = ("bindings.cpp", "kernels.cu", "linear.cu", "bgmv.cu")
+#: The CUDA extension's sources under csrc/cuda (the list lives in ops/_build.py).
+SOURCES = tuple(Path(source).name for source in EXTENSIONS["lightning_qlora_cuda"]["sources"])
 
 
-@functools.cache
-def cuda_extension() -> Any | None:
-    """The compiled CUDA module, or ``None`` (with one warning) if it cannot be built here."""
-    sources = [CSRC / "cuda" / name for name in SOURCES]
-    if not torch.cuda.is_available() or not all(path.is_file() for path in sources):
-        return None
-    try:
-        from torch.utils.cpp_extension import load
+class _CudaExtension(_CachedExtension):
+    """Built only where CUDA is available; elsewhere ``None`` without a warning."""
 
-        _put_ninja_on_path()
-        return load(
-            name="lightning_qlora_cuda",
-            sources=[str(path) for path in sources],
-            extra_include_paths=[str(CSRC / "include"), str(CSRC / "cuda")],
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", "-fmad=false"],  # no fused multiply-adds: the CPU build (and tests) use none
-            verbose=False,
-        )
-    except Exception as error:  # noqa: BLE001 -- any build failure must leave the package usable
-        warnings.warn(f"lightning_qlora: building the CUDA kernels failed ({error!r}); using the reference kernels.",
-                      stacklevel=2)  # fmt: skip
-        return None
+    def __call__(self) -> Any | None:
+        return super().__call__() if torch.cuda.is_available() else None
+
+
+#: The compiled CUDA module, or ``None`` (with one warning if a build failed) where it cannot be built.
+cuda_extension = _CudaExtension("lightning_qlora_cuda")
 
 
 def _extension() -> Any | None:

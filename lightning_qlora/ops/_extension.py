@@ -3,31 +3,25 @@
 The CPU kernels for ``quantize_4bit``, ``dequantize_4bit``, ``linear_4bit`` and
 ``linear_4bit_input_grad`` are registered at import as thin Python kernels that validate with
 our typed errors. Loading is lazy, so ``import lightning_qlora`` stays fast: the first op call
-compiles ``csrc/cpu`` with ``torch.utils.cpp_extension.load`` (ninja, about 30 s on 2 cores;
-cached in the torch extensions directory, ``$TORCH_EXTENSIONS_DIR``, so later processes load it
-in about a second, and a pytest run compiles it at most once). If the build
-fails, or ``csrc/`` is absent (a wheel without sources), one warning is issued and the
-pure-PyTorch reference kernels keep running. ``LIGHTNING_QLORA_FORCE_REFERENCE=1`` skips the
+compiles ``csrc/cpu`` (ninja, about 30 s on 2 cores) through :mod:`lightning_qlora.ops._build`,
+which owns the sources, flags, cache directory (``~/.cache/lightning_qlora/build``) and build
+lock; later processes load the cached build in about a second. If the build fails, one
+warning is issued and the pure-PyTorch reference kernels keep running. ``LIGHTNING_QLORA_FORCE_REFERENCE=1`` skips the
 extension entirely (debugging, and testing the reference path).
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import shutil
-import sys
-import sysconfig
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from lightning_qlora.errors import BLOCK_SIZES_4BIT, check_block_size, check_float_dtype, check_output_dtype
-from lightning_qlora.ops import reference
 from lightning_qlora.errors import ShapeMismatchError
+from lightning_qlora.ops import reference
+from lightning_qlora.ops._build import CSRC, FORCE_REFERENCE_ENV, force_reference, reset
+from lightning_qlora.ops._build import extension as load_extension
 from lightning_qlora.ops.schemas import (
     check_bgmv_args,
     check_codebook,
@@ -36,48 +30,28 @@ from lightning_qlora.ops.schemas import (
     qualified_name,
 )
 
-FORCE_REFERENCE_ENV = "LIGHTNING_QLORA_FORCE_REFERENCE"
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+__all__ = ["CSRC", "FORCE_REFERENCE_ENV", "backend", "cpu_extension"]
 
 
 def _force_reference() -> bool:
-    return os.environ.get(FORCE_REFERENCE_ENV, "") not in ("", "0")
+    return force_reference()
 
 
-def _put_ninja_on_path() -> None:
-    """cpp_extension runs ``ninja`` from PATH; a venv used without activation has it only in its bin dir."""
-    if shutil.which("ninja") is not None:
-        return
-    for directory in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
-        if (Path(directory) / "ninja").exists():
-            os.environ["PATH"] = directory + os.pathsep + os.environ.get("PATH", "")
-            return
+class _CachedExtension:
+    """``cpu_extension()`` with the ``cache_clear()`` of the ``functools.cache`` it used to be."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self) -> Any | None:
+        return load_extension(self.name)
+
+    def cache_clear(self) -> None:
+        reset(self.name)
 
 
-@functools.cache
-def cpu_extension() -> Any | None:
-    """The compiled CPU module, or ``None`` (with one warning) if it cannot be built."""
-    sources = [CSRC / "cpu" / name for name in ("kernels.cpp", "matmul.cpp", "bgmv.cpp", "bindings.cpp")]
-    if not all(path.is_file() for path in sources):
-        warnings.warn(f"lightning_qlora: C++ sources not found under {CSRC}; using the reference kernels.", stacklevel=2)
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        _put_ninja_on_path()
-
-        return load(
-            name="lightning_qlora_cpu",
-            sources=[str(path) for path in sources],
-            extra_include_paths=[str(CSRC / "include")],
-            extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffp-contract=off"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as error:  # noqa: BLE001 -- any build failure must leave the package usable
-        warnings.warn(f"lightning_qlora: building the C++ kernels failed ({error!r}); using the reference kernels.",
-                      stacklevel=2)  # fmt: skip
-        return None
+#: The compiled CPU module, or ``None`` (with one warning) if it cannot be built (see ops/_build.py).
+cpu_extension = _CachedExtension("lightning_qlora_cpu")
 
 
 def backend() -> str:

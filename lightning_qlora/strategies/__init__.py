@@ -17,7 +17,7 @@ from lightning_qlora.strategies.paged import (
 )
 
 for _strategy in (PagedStrategy, PagedDDPStrategy, QLoRAFSDPStrategy):
-    if _strategy.strategy_name not in StrategyRegistry:
+    if _strategy.strategy_name not in StrategyRegistry:  # import lightning_qlora registers them lazily already
         _strategy.register_strategies(StrategyRegistry)
 
 __all__ = ["PagedDDPStrategy", "PagedStrategy", "QLoRAFSDPStrategy", "load_paged_optimizer_states", "modules_with_4bit_weights",

