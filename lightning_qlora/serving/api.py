@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import json
 import time
+import types
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
@@ -37,8 +38,15 @@ from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
 from lightning_qlora.serving.adapter_files import is_adapter_dir
-from lightning_qlora.serving.engine import BASE_MODEL, GenerationEngine, RequestHandle
-from lightning_qlora.serving.errors import InvalidRequestError, UnknownAdapterError
+from lightning_qlora.serving.engine import BASE_MODEL, GenerationEngine, _check_positive
+from lightning_qlora.serving.errors import (
+    InvalidRequestError,
+    RequestTooLargeError,
+    ServerConfigError,
+    UnknownAdapterError,
+    http_answer,
+)
+from lightning_qlora.serving.handles import RequestHandle
 from lightning_qlora.serving.sampling import SamplingParams
 
 MODELS = ("tiny", "smollm2")
@@ -65,12 +73,21 @@ class ServerConfig:
     max_prompt_tokens: int | None = None
     blocksize: int = 64
     double_quant: bool = True
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_prompt_chars: int = 131_072
+    max_messages: int = 1024
+    max_queue_wait_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
-            raise ValueError(f"model={self.model!r} is not servable; choose one of {', '.join(MODELS)}.")
+            raise ServerConfigError(f"model={self.model!r} is not servable; choose one of {', '.join(MODELS)}.")
         if not Path(self.adapters_dir).is_dir():
-            raise ValueError(f"adapters_dir={self.adapters_dir!r} is not a directory.")
+            raise ServerConfigError(f"adapters_dir={self.adapters_dir!r} is not a directory.")
+        for name in ("num_pages", "max_batch_size", "blocksize", "max_body_bytes", "max_prompt_chars", "max_messages"):
+            _check_positive(name, getattr(self, name))
+        for name in ("page_size", "max_prompt_tokens"):
+            _check_positive(name, getattr(self, name), optional=True)
+        _check_positive("max_queue_wait_s", self.max_queue_wait_s, kind=float)
 
     def known_models(self) -> list[str]:
         root = Path(self.adapters_dir)
@@ -85,12 +102,25 @@ class ServerConfig:
         quantize_linears(model, "nf4", self.blocksize, self.double_quant)
         return GenerationEngine(model, tokenizer, adapters_dir=self.adapters_dir, num_pages=self.num_pages,
                                 page_size=self.page_size, max_batch_size=self.max_batch_size,
-                                max_prompt_tokens=self.max_prompt_tokens)  # fmt: skip
+                                max_prompt_tokens=self.max_prompt_tokens,
+                                max_queue_wait_s=self.max_queue_wait_s)  # fmt: skip
 
 
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    kind = {404: "model_not_found", 413: "prompt_too_long"}.get(status, "invalid_request_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status, **extra}}, status_code=status)
+def _error(status: int, message: str, kind: str | None = None, headers: dict[str, str] | None = None,
+           **extra: Any) -> JSONResponse:  # fmt: skip
+    kind = kind or {404: "model_not_found", 413: "request_too_large"}.get(status, "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status, **extra}}, status_code=status,
+                        headers=headers)  # fmt: skip
+
+
+def _error_of(error: BaseException) -> JSONResponse:
+    status, kind, message, headers = http_answer(error)
+    return _error(status, message, kind, headers)
+
+
+def _error_event(event: dict[str, Any]) -> JSONResponse:
+    headers = {"Retry-After": str(event["retry_after"])} if event.get("retry_after") else None
+    return _error(event["status"] or 500, event["error"], event["error_type"], headers)
 
 
 def _sampling(body: dict[str, Any]) -> SamplingParams:
@@ -124,10 +154,13 @@ def _prompt_of(kind: str, body: dict[str, Any]) -> Any:
 class OpenAIAdapterSpec(LitSpec):
     """Routes, validation and OpenAI response shapes (runs in LitServe's API-server process)."""
 
-    def __init__(self, known_models: list[str]) -> None:
+    def __init__(self, known_models: list[str], config: ServerConfig | None = None) -> None:
         super().__init__()
         self.api_path = "/v1/chat/completions"
         self.known_models = list(known_models)
+        self.created = int(time.time())
+        defaults = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
+        self.limits = config or types.SimpleNamespace(**defaults)
         self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
         self.add_endpoint("/v1/completions", self.completions, ["POST"])
         self.add_endpoint("/v1/models", self.list_models, ["GET"])
@@ -144,7 +177,8 @@ class OpenAIAdapterSpec(LitSpec):
         return output
 
     async def list_models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "lightning_qlora"}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": self.created,
+                                            "owned_by": "lightning_qlora"}
                                            for name in self.known_models]}  # fmt: skip
 
     async def stats(self) -> Any:
@@ -170,9 +204,40 @@ class OpenAIAdapterSpec(LitSpec):
         self.request_queue.put((self.response_queue_id, uid, time.monotonic(), payload))
         return uid, self.data_streamer(q, event, send_status=True)
 
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused (413) past ``max_body_bytes`` before it is parsed -- or even read, when declared."""
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestTooLargeError(f"the request body has {declared} bytes; this server accepts at most {limit} "
+                                       "(max_body_bytes).")  # fmt: skip
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise RequestTooLargeError(f"the request body exceeds {limit} bytes (max_body_bytes).")
+        return bytes(body)
+
+    def _check_prompt_size(self, kind: str, prompt: Any) -> None:
+        """Refuse (413) a prompt over the character / message limits before anything tokenizes it."""
+        if kind == "chat":
+            if len(prompt) > self.limits.max_messages:
+                raise RequestTooLargeError(f"the request has {len(prompt)} messages; this server accepts at most "
+                                           f"{self.limits.max_messages} (max_messages).")  # fmt: skip
+            chars = sum(len(m["content"]) + len(m["role"]) for m in prompt)
+        else:
+            chars = len(prompt)
+        if chars > self.limits.max_prompt_chars:
+            raise RequestTooLargeError(f"the prompt has {chars} characters; this server accepts at most "
+                                       f"{self.limits.max_prompt_chars} (max_prompt_chars).")  # fmt: skip
+
     async def _handle(self, kind: str, request: Request) -> Any:
         try:
-            body = json.loads(await request.body())
+            raw = await self._read_body(request)
+        except RequestTooLargeError as error:
+            return _error_of(error)
+        try:
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             return _error(400, f"the request body is not valid JSON: {error}")
         if not isinstance(body, dict):
@@ -183,8 +248,9 @@ class OpenAIAdapterSpec(LitSpec):
         try:
             params = _sampling(body)
             prompt = _prompt_of(kind, body)
+            self._check_prompt_size(kind, prompt)
         except InvalidRequestError as error:
-            return _error(error.status, str(error))
+            return _error_of(error)
         request_id = uuid.uuid4().hex
         payload = {"kind": kind, "id": request_id, "model": model, "prompt": prompt, "params": params.__dict__}
         uid, responses = self._send(payload)
@@ -194,12 +260,17 @@ class OpenAIAdapterSpec(LitSpec):
             error = first[0]
             if isinstance(error, HTTPException):
                 return _error(error.status_code, str(error.detail))
-            return _error(500, "internal error while generating")
+            return _error_of(error if isinstance(error, BaseException) else RuntimeError(str(error)))
+        if first is not None and json.loads(first[0]).get("error"):
+            self.response_buffer.pop(uid, None)
+            return _error_event(json.loads(first[0]))
         chunks = self._chunks(first, responses)
         if body.get("stream"):
             return StreamingResponse(self._sse(kind, model, request_id, uid, chunks), media_type="text/event-stream")
         text, last = [], {}
         async for chunk in chunks:
+            if chunk.get("error"):
+                return _error_event(chunk)
             text.append(chunk["text"])
             last = chunk
         return self._final(kind, model, request_id, "".join(text), last)
@@ -231,6 +302,10 @@ class OpenAIAdapterSpec(LitSpec):
         finished = False
         try:
             async for chunk in chunks:
+                if chunk.get("error"):
+                    finished = True
+                    yield f"data: {json.dumps({'error': {'message': chunk['error'], 'type': chunk['error_type'], 'code': chunk['status']}})}\n\n"
+                    break
                 choice: dict[str, Any] = {"index": 0, "finish_reason": chunk.get("finish_reason")}
                 if kind == "chat":
                     choice["delta"] = {"role": "assistant", "content": chunk["text"]}
@@ -255,7 +330,7 @@ class AdapterServingAPI(ls.LitAPI):
     """The inference-worker side: owns the engine and streams its events back."""
 
     def __init__(self, config: ServerConfig) -> None:
-        super().__init__(spec=OpenAIAdapterSpec(config.known_models()), enable_async=True)
+        super().__init__(spec=OpenAIAdapterSpec(config.known_models(), config), enable_async=True)
         self.config = config
         self.engine: GenerationEngine | None = None
         self.handles: dict[str, RequestHandle] = {}
@@ -281,19 +356,29 @@ class AdapterServingAPI(ls.LitAPI):
                    "adapter_loads": engine.registry.stats.loads, "running": len(engine._running),
                    "finish_reasons": dict(engine.finish_reasons)}  # fmt: skip
             return
-        prompt = payload["prompt"]
-        if payload["kind"] == "chat":
-            prompt = engine.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        loop = asyncio.get_running_loop()
+
+        def submit() -> RequestHandle:  # off the event loop: a long prompt must not stall other streams
+            prompt = payload["prompt"]
+            if payload["kind"] == "chat":
+                prompt = engine.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            params = SamplingParams(**{**payload["params"], "stop": tuple(payload["params"]["stop"])})
+            return engine.submit(prompt, payload["model"], params, loop=loop)
+
         try:
-            handle = engine.submit(prompt, payload["model"], SamplingParams(**{**payload["params"],
-                                   "stop": tuple(payload["params"]["stop"])}), loop=asyncio.get_running_loop())  # fmt: skip
-        except UnknownAdapterError as error:
-            raise HTTPException(404, str(error)) from error
-        except InvalidRequestError as error:
-            raise HTTPException(error.status, str(error)) from error
+            handle = await asyncio.to_thread(submit)
+        except Exception as error:  # noqa: BLE001 -- every failure is answered with its typed status
+            status, kind, message, headers = http_answer(error)
+            yield {"error": message, "status": status, "error_type": kind,
+                   "retry_after": int(headers["Retry-After"]) if "Retry-After" in headers else None}  # fmt: skip
+            return
         self.handles[payload["id"]] = handle
         try:
             async for event in handle:
+                if event.finish_reason == "error":
+                    yield {"error": event.error, "status": event.status, "error_type": event.error_type,
+                           "retry_after": event.retry_after}  # fmt: skip
+                    return
                 yield {"text": event.text, "finish_reason": event.finish_reason, "prompt_tokens": event.prompt_tokens,
                        "completion_tokens": event.completion_tokens}  # fmt: skip
         finally:
@@ -304,7 +389,15 @@ class AdapterServingAPI(ls.LitAPI):
             yield output
 
 
-def build_server(config: ServerConfig, **server_kwargs: Any) -> ls.LitServer:
-    """A LitServer with the OpenAI-compatible routes (one CPU worker: one engine, one base in memory)."""
-    return ls.LitServer(AdapterServingAPI(config), accelerator="cpu", devices=1, workers_per_device=1,
+class AdapterServer(ls.LitServer):
+    """LitServer that binds 127.0.0.1 unless told otherwise (LitServe's own default is every interface)."""
+
+    def run(self, host: str = "127.0.0.1", port: int | str = 8000, **kwargs: Any) -> None:  # type: ignore[override]
+        kwargs.setdefault("generate_client_file", False)
+        super().run(host=host, port=port, **kwargs)
+
+
+def build_server(config: ServerConfig, **server_kwargs: Any) -> AdapterServer:
+    """A server with the OpenAI-compatible routes (one CPU worker: one engine, one base in memory)."""
+    return AdapterServer(AdapterServingAPI(config), accelerator="cpu", devices=1, workers_per_device=1,
                         timeout=False, **server_kwargs)  # fmt: skip

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 USAGE = "usage: lightning-qlora serve adapters_dir=DIR [host=127.0.0.1] [port=8000] [model=smollm2|tiny] " \
-        "[num_pages=8192] [page_size=N] [max_batch_size=16] [max_prompt_tokens=N] [log_level=info]"  # fmt: skip
+        "[num_pages=8192] [page_size=N] [max_batch_size=16] [max_prompt_tokens=N] [max_body_bytes=2097152] " \
+        "[max_prompt_chars=131072] [max_messages=1024] [max_queue_wait_s=60] [log_level=info]"  # fmt: skip
 
 
 def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -38,6 +39,8 @@ def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
             kind = str(fields[key].type)
             if "bool" in kind:
                 config[key] = value.lower() in ("1", "true", "yes")
+            elif "float" in kind:
+                config[key] = _float(key, value)
             elif "int" in kind:
                 config[key] = None if value.lower() in ("none", "null") else _int(key, value)
             else:
@@ -54,6 +57,13 @@ def _int(key: str, value: str) -> int:
         return int(value)
     except ValueError:
         raise SystemExit(f"{key}={value!r} must be an integer.\n{USAGE}") from None
+
+
+def _float(key: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise SystemExit(f"{key}={value!r} must be a number.\n{USAGE}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

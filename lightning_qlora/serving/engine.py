@@ -1,12 +1,20 @@
 """Continuous-batching generation over one 4-bit base and many adapters (S-LoRA style).
 
-Requests are submitted from any thread and join the running batch between decode steps
-(continuous batching, as Orca / vLLM): each step first admits waiting requests -- pinning their
-adapter in the pool (loading it, evicting idle ones) and allocating KV pages for prompt plus
-``max_tokens`` -- and prefills them, then decodes one token for every running request in one
-batched forward in which each row uses its own adapter (:class:`PagedLlama` + BGMV). Finished,
-stopped or cancelled requests free their pages at once. Tokens stream to a
+Requests are submitted from any thread and join the running batch between steps (continuous
+batching, as Orca / vLLM). Each step admits waiting requests -- pinning their adapter in the pool
+(loading it, evicting idle ones) and allocating KV pages for prompt plus ``max_tokens`` -- and
+then runs ONE batched forward in which the new prompts are prefilled and every running request
+decodes its next token, each row with its own adapter (:class:`PagedLlama` + BGMV). So requests
+that arrive within one step share it, and an arrival never costs the running ones an extra
+pass. Finished, stopped or cancelled requests free their pages at once. Tokens stream to a
 :class:`RequestHandle` (iterate it, or ``async for`` with an asyncio loop).
+
+Failures stay with their request: an adapter that cannot be served (unreadable, another model's
+shapes, a rank its config contradicts, modules serving does not adapt) fails only the requests
+for it, with a typed error (:mod:`.errors`, 422), at submission or -- if its files changed since
+-- at admission; a forward pass that raises fails the requests of that pass and frees their
+pages. A request that cannot be admitted within ``max_queue_wait_s`` fails with
+:class:`PoolExhaustedError` (503, with a retry-after estimate).
 
 KV pages are allocated for the whole request at admission, so a running request never waits for
 memory mid-stream; a request that cannot be admitted waits (first come, first served).
@@ -23,10 +31,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import queue
+import math
 import threading
+import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +43,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_qlora.serving.errors import InvalidRequestError, PoolExhaustedError, UnknownAdapterError
-from lightning_qlora.serving.paged_llama import ADAPTABLE_PROJECTIONS, PagedLlama, SequenceStep, StepLoRA
+from lightning_qlora.serving.errors import (
+    InvalidRequestError,
+    PoolExhaustedError,
+    RequestTooLargeError,
+    ServerConfigError,
+    UnknownAdapterError,
+)
+from lightning_qlora.serving.handles import GenerationEvent, RequestHandle
+from lightning_qlora.serving.paged_llama import PagedLlama, SequenceStep, StepLoRA, adaptable_shapes
 from lightning_qlora.serving.pool import PagePool
 from lightning_qlora.serving.registry import AdapterRegistry, LoadedAdapter
 from lightning_qlora.serving.sampling import SamplingParams, find_stop, sample_next, stable_prefix_length
@@ -43,67 +59,17 @@ from lightning_qlora.serving.sampling import SamplingParams, find_stop, sample_n
 log = logging.getLogger(__name__)
 BASE_MODEL = "base"
 
-
-@dataclass
-class GenerationEvent:
-    """A piece of a stream: new ``text`` (may be empty), and on the last event ``finish_reason``
-    (``"stop"``, ``"length"``, ``"cancelled"`` or ``"error"``) with token counts."""
-
-    text: str
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
+__all__ = ["BASE_MODEL", "GenerationEngine", "GenerationEvent", "RequestHandle"]
 
 
-class RequestHandle:
-    """The caller's side of one request: iterate (or ``async for``) its events; ``cancel()`` frees it."""
-
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.id = request_id
-        self._loop = loop
-        self._queue: Any = asyncio.Queue() if loop is not None else queue.Queue()
-        self.cancelled = threading.Event()
-        self.done = threading.Event()
-
-    def _put(self, event: GenerationEvent) -> None:
-        if event.finish_reason is not None:
-            self.done.set()
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        else:
-            self._queue.put(event)
-
-    def cancel(self) -> None:
-        """Stop generating; the engine frees the request's pages at its next step."""
-        self.cancelled.set()
-
-    def __iter__(self) -> Iterator[GenerationEvent]:
-        while True:
-            event = self._queue.get()
-            yield event
-            if event.finish_reason is not None:
-                return
-
-    async def __aiter__(self) -> AsyncIterator[GenerationEvent]:
-        while True:
-            event = await self._queue.get()
-            yield event
-            if event.finish_reason is not None:
-                return
-
-    def text(self) -> str:
-        """Block until finished; the whole completion."""
-        return "".join(event.text for event in self)
-
-
-@dataclass
+@dataclass(eq=False)
 class _Request:
     handle: RequestHandle
     adapter_name: str | None
     prompt: list[int]
     params: SamplingParams
     generator: torch.Generator | None
+    submitted: float
     adapter: LoadedAdapter | None = None
     pages: list[int] = field(default_factory=list)
     page_table: torch.Tensor | None = None
@@ -113,17 +79,30 @@ class _Request:
     logits: list[torch.Tensor] | None = None
 
 
+def _check_positive(name: str, value: Any, kind: type = int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
+        raise ServerConfigError(f"{name}={value!r} must be a positive {'number' if kind is float else 'integer'}"
+                                f"{' or None' if optional else ''}.")  # fmt: skip
+
+
 class GenerationEngine:
-    """Serves one (4-bit) Llama base with many LoRA adapters from a shared page pool.
+    """Serves one (4-bit) decoder base -- Llama, Qwen2, Mistral -- with many LoRA adapters from a shared page pool.
 
     Args:
-        model: a transformers Llama causal LM, already quantized (``quantize_linears``).
+        model: a transformers causal LM of a supported family, quantized or not (``quantize_linears``).
         tokenizer: its tokenizer (EOS ends a completion).
         adapters_dir: directory of adapter sub-directories (served under their names).
         num_pages / page_size: the pool; ``page_size`` defaults to the longest factor row.
-        max_batch_size: most requests decoding together.
+        max_batch_size: most requests in one step.
         max_prompt_tokens: longer prompts are refused (413); default: the model's context minus 1.
+        max_queue_wait_s: a request not admitted within this many seconds fails with 503.
         record_logits: keep each step's logits on the request (tests).
+
+    Raises:
+        ServerConfigError: an argument is out of range (checked before anything is allocated).
+        UnsupportedModelError: the model's family is not served (the message lists those that are).
     """
 
     def __init__(
@@ -135,16 +114,23 @@ class GenerationEngine:
         page_size: int | None = None,
         max_batch_size: int = 16,
         max_prompt_tokens: int | None = None,
+        max_queue_wait_s: float = 60.0,
         record_logits: bool = False,
     ) -> None:
+        _check_positive("num_pages", num_pages)
+        _check_positive("page_size", page_size, optional=True)
+        _check_positive("max_batch_size", max_batch_size)
+        _check_positive("max_prompt_tokens", max_prompt_tokens, optional=True)
+        _check_positive("max_queue_wait_s", max_queue_wait_s, kind=float)
         if page_size is None:
-            page_size = max(max(shape) for shape in _module_shapes(model))
+            page_size = max(max(shape) for shape in adaptable_shapes(model))
         self.pool = PagePool(num_pages, page_size)
         self.runner = PagedLlama(model, self.pool)
         self.registry = AdapterRegistry(self.pool, self.runner.module_shapes, adapters_dir)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_prompt_tokens = max_prompt_tokens or self.runner.max_positions - 1
+        self.max_queue_wait_s = float(max_queue_wait_s)
         self.record_logits = record_logits
         self.eos_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         self._incoming: deque[_Request] = deque()
@@ -154,6 +140,8 @@ class GenerationEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._step_seconds = 0.05  # running mean of a step's wall time (for Retry-After estimates)
+        self._tables: tuple[tuple[int, ...], StepLoRA] | None = None  # last step's adapter tables, reused
         self.finished: list[_Request] = []  # with record_logits only
         self.finish_reasons: Counter[str] = Counter()
 
@@ -173,8 +161,9 @@ class GenerationEngine:
 
         Raises:
             UnknownAdapterError: ``adapter`` is not registered.
-            InvalidRequestError: empty prompt, prompt over ``max_prompt_tokens`` (status 413), or a
-                request that could not fit in the whole pool.
+            AdapterFormatError: the adapter's files cannot be served on this base (422).
+            InvalidRequestError: empty prompt; :class:`RequestTooLargeError` (413) for a prompt over
+                ``max_prompt_tokens`` or a request that could not fit in the whole pool.
         """
         params = params or SamplingParams()
         name = None if adapter in (None, BASE_MODEL) else adapter
@@ -184,21 +173,22 @@ class GenerationEngine:
         if not ids:
             raise InvalidRequestError("the prompt is empty; send at least one token.")
         if len(ids) > self.max_prompt_tokens:
-            raise InvalidRequestError(f"the prompt has {len(ids)} tokens; this server accepts at most "
-                                      f"{self.max_prompt_tokens}.", status=413)  # fmt: skip
+            raise RequestTooLargeError(f"the prompt has {len(ids)} tokens; this server accepts at most "
+                                       f"{self.max_prompt_tokens}.")  # fmt: skip
         total = len(ids) + params.max_tokens
         if total > self.runner.max_positions:
-            raise InvalidRequestError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                                      f"model's context of {self.runner.max_positions} tokens.", status=413)  # fmt: skip
+            raise RequestTooLargeError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                                       f"model's context of {self.runner.max_positions} tokens.")  # fmt: skip
         needed = self.runner.kv_pages_for(total) + (self.registry.pages_needed(name) if name else 0)
         if needed > self.pool.num_pages:
-            raise InvalidRequestError(f"this request needs {needed} pool pages (KV cache + adapter) but the pool has "
-                                      f"{self.pool.num_pages}; lower max_tokens or the prompt.", status=413)  # fmt: skip
+            raise RequestTooLargeError(f"this request needs {needed} pool pages (KV cache + adapter) but the pool has "
+                                       f"{self.pool.num_pages}; lower max_tokens or the prompt.")  # fmt: skip
         generator = None
         if params.temperature > 0:
             generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
         handle = RequestHandle(f"req-{next(self._ids)}", loop)
-        request = _Request(handle, name, ids, params, generator, logits=[] if self.record_logits else None)
+        request = _Request(handle, name, ids, params, generator, time.monotonic(),
+                           logits=[] if self.record_logits else None)  # fmt: skip
         self._incoming.append(request)
         self._wake.set()
         return handle
@@ -220,49 +210,54 @@ class GenerationEngine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if not self.step():
+            if not self.step():  # idle, or waiting for pages: sleep until a submission (never busy-loop)
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
 
     def run_until_idle(self) -> None:
         """Step in this thread until no request is left (tests, offline use)."""
-        while self.step():
-            pass
+        while self.has_work():
+            if not self.step():
+                time.sleep(0.01)
 
     def has_work(self) -> bool:
         return bool(self._incoming or self._waiting or self._running)
 
     def step(self) -> bool:
-        """Admit + prefill what fits, then decode one token for every running request; whether work was done."""
+        """Admit what fits, then one forward: prefill the admitted, decode the running; whether it ran."""
         while self._incoming:
             self._waiting.append(self._incoming.popleft())
         for request in [r for r in self._waiting if r.handle.cancelled.is_set()]:
             self._waiting.remove(request)
-            self.finish_reasons["cancelled"] += 1
-            request.handle._put(GenerationEvent("", "cancelled", len(request.prompt), 0))
+            self._finish(request, "cancelled", emit_rest=False)
         for request in [r for r in self._running if r.handle.cancelled.is_set()]:
             self._finish(request, "cancelled", emit_rest=False)
         if not self._waiting and not self._running:
             return False
-        try:
-            self._admit()
-            if self._running:
-                self._decode()
-        except Exception as error:  # noqa: BLE001 -- one bad step must not kill the server; fail its requests
-            log.exception("generation step failed")
-            for request in list(self._running):
-                self._finish(request, "error", emit_rest=False, error=repr(error))
+        admitted = self._admit()
+        self._expire_waiting()
+        if not admitted and not self._running:
+            return False
+        started = time.perf_counter()
+        self._forward(self._running + admitted, len(self._running))
+        self._step_seconds = 0.8 * self._step_seconds + 0.2 * (time.perf_counter() - started)
         return True
 
-    def _admit(self) -> None:
-        """Admit what fits, then prefill all newly admitted prompts in one forward pass."""
-        admitted: list[tuple[_Request, SequenceStep]] = []
+    def _admit(self) -> list[_Request]:
+        """Take waiting requests (first come, first served) while the batch and the pool have room."""
+        admitted: list[_Request] = []
         while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
             request = self._waiting[0]
-            try:
-                adapter = self.registry.acquire(request.adapter_name) if request.adapter_name else None
-            except PoolExhaustedError:
-                break  # wait for running requests to free pages
+            adapter = None
+            if request.adapter_name is not None:
+                try:
+                    adapter = self.registry.acquire(request.adapter_name)
+                except PoolExhaustedError:
+                    break  # wait for running requests to free pages
+                except Exception as error:  # noqa: BLE001 -- this adapter cannot be served: fail only its request
+                    self._waiting.popleft()
+                    self._finish(request, "error", emit_rest=False, error=error)
+                    continue
             kv_pages = self.runner.kv_pages_for(len(request.prompt) + request.params.max_tokens)
             if self.pool.free_pages < kv_pages and not self.registry.evict_until_free(kv_pages):
                 if adapter is not None:
@@ -272,23 +267,40 @@ class GenerationEngine:
             request.adapter = adapter
             request.pages = self.pool.allocate(kv_pages, owner=f"kv:{request.handle.id}")
             request.page_table = torch.tensor(request.pages, dtype=torch.int64).view(self.runner.num_layers, -1)
-            admitted.append((request, SequenceStep(torch.tensor(request.prompt), 0, request.page_table)))
-        if not admitted:
-            return
-        requests = [request for request, _ in admitted]
-        steps = [step for _, step in admitted]
-        logits = self.runner.forward(steps, self._step_lora(requests, steps))
-        for request, row in zip(requests, logits):
-            request.past = len(request.prompt)
-            self._running.append(request)
-            self._accept(request, row)
+            admitted.append(request)
+        return admitted
 
-    def _decode(self) -> None:
-        batch = list(self._running)
-        steps = [SequenceStep(torch.tensor(r.generated[-1:]), r.past, r.page_table) for r in batch]
-        logits = self.runner.forward(steps, self._step_lora(batch, steps))
-        for request, row in zip(batch, logits):
-            request.past += 1
+    def _expire_waiting(self) -> None:
+        """Fail (503) the waiting requests that could not be admitted within ``max_queue_wait_s``."""
+        now = time.monotonic()
+        for request in [r for r in self._waiting if now - r.submitted > self.max_queue_wait_s]:
+            self._waiting.remove(request)
+            if len(self._running) >= self.max_batch_size:
+                why = f"the batch is full ({len(self._running)} = max_batch_size requests running)"
+            else:
+                why = (f"the page pool has {self.pool.free_pages} free pages of {self.pool.num_pages} and the running "
+                       "requests' adapters and KV cache hold the rest")  # fmt: skip
+            remaining = min((r.params.max_tokens - len(r.generated) for r in self._running), default=1)
+            retry = min(60, math.ceil(remaining * self._step_seconds))
+            error = PoolExhaustedError(f"request waited {now - request.submitted:.1f} s (max_queue_wait_s="
+                                       f"{self.max_queue_wait_s:g}) without being admitted: {why}. Retry later.",
+                                       retry_after=retry)  # fmt: skip
+            self._finish(request, "error", emit_rest=False, error=error)
+
+    def _forward(self, batch: list[_Request], decoding: int) -> None:
+        """One pass over ``batch``: its first ``decoding`` requests decode one token, the rest are prefilled."""
+        steps = [SequenceStep(torch.tensor(r.generated[-1:]), r.past, r.page_table) for r in batch[:decoding]]
+        steps += [SequenceStep(torch.tensor(r.prompt), 0, r.page_table) for r in batch[decoding:]]
+        try:
+            logits = self.runner.forward(steps, self._step_lora(batch, steps))
+        except Exception as error:  # noqa: BLE001 -- one bad pass must not kill the server; fail its requests
+            log.exception("generation step failed")
+            for request in batch:
+                self._finish(request, "error", emit_rest=False, error=error)
+            return
+        self._running = list(batch)
+        for request, step, row in zip(batch, steps, logits):
+            request.past += step.tokens.numel()
             self._accept(request, row)
 
     def _step_lora(self, requests: list[_Request], steps: list[SequenceStep]) -> StepLoRA | None:
@@ -299,21 +311,27 @@ class GenerationEngine:
                 adapters.setdefault(request.adapter.name, request.adapter)
         if not adapters:
             return None
+        key = tuple(id(a) for a in adapters.values())
+        if self._tables is not None and self._tables[0] == key:  # same adapters as the last step: same tables
+            tables = self._tables[1]
+        else:
+            width = max(a.a_rows.shape[1] for a in adapters.values())
+            modules = len(self.runner.module_names)
+            a_rows = torch.zeros(modules, len(adapters), width, dtype=torch.int64)
+            b_rows = torch.zeros_like(a_rows)
+            for slot, adapter in enumerate(adapters.values()):
+                a_rows[:, slot, : adapter.a_rows.shape[1]] = adapter.a_rows
+                b_rows[:, slot, : adapter.b_rows.shape[1]] = adapter.b_rows
+            ranks = torch.stack([a.ranks for a in adapters.values()], dim=1)
+            scales = torch.stack([a.scales for a in adapters.values()], dim=1)
+            tables = StepLoRA(a_rows, b_rows, ranks, scales, torch.empty(0, dtype=torch.int64),
+                              (ranks > 0).any(dim=1).tolist())  # fmt: skip
+            self._tables = (key, tables)
         slot_of = {name: slot for slot, name in enumerate(adapters)}
-        width = max(a.a_rows.shape[1] for a in adapters.values())
-        modules = len(self.runner.module_names)
-        a_rows = torch.zeros(modules, len(adapters), width, dtype=torch.int64)
-        b_rows = torch.zeros_like(a_rows)
-        for slot, adapter in enumerate(adapters.values()):
-            a_rows[:, slot, : adapter.a_rows.shape[1]] = adapter.a_rows
-            b_rows[:, slot, : adapter.b_rows.shape[1]] = adapter.b_rows
-        ranks = torch.stack([a.ranks for a in adapters.values()], dim=1)
-        scales = torch.stack([a.scales for a in adapters.values()], dim=1)
-        row_slots = []
-        for request, step in zip(requests, steps):
-            slot = slot_of[request.adapter.name] if request.adapter is not None else -1
-            row_slots.append(torch.full((step.tokens.numel(),), slot, dtype=torch.int64))
-        return StepLoRA(a_rows, b_rows, ranks, scales, torch.cat(row_slots), (ranks > 0).any(dim=1).tolist())
+        slots = [slot_of[r.adapter.name] if r.adapter is not None else -1 for r in requests]
+        counts = [step.tokens.numel() for step in steps]
+        row_slots = torch.repeat_interleave(torch.tensor(slots), torch.tensor(counts))
+        return StepLoRA(tables.a_rows, tables.b_rows, tables.ranks, tables.scales, row_slots, tables.active)
 
     # -- tokens out ----------------------------------------------------------------------------
     def _accept(self, request: _Request, logits: torch.Tensor) -> None:
@@ -340,28 +358,26 @@ class GenerationEngine:
         return self.tokenizer.decode(request.generated, skip_special_tokens=True)
 
     def _finish(self, request: _Request, reason: str, text: str | None = None, emit_rest: bool = True,
-                error: str | None = None) -> None:  # fmt: skip
+                error: BaseException | None = None) -> None:  # fmt: skip
+        """End ``request``: free its pages, unpin its adapter, send its last event (never raises for it)."""
         if request in self._running:
             self._running.remove(request)
-        self.pool.free(request.pages)
-        request.pages = []
-        if request.adapter is not None:
-            self.registry.release(request.adapter)
-        rest = ""
-        if emit_rest:
-            full = self._text(request) if text is None else text
-            rest = full[request.streamed :]
+        try:
+            self.pool.free(request.pages)
+        finally:
+            request.pages = []
+            if request.adapter is not None:
+                adapter, request.adapter = request.adapter, None
+                self.registry.release(adapter)
         self.finish_reasons[reason] += 1
-        request.handle._put(GenerationEvent(rest, reason, len(request.prompt), len(request.generated), error))
+        counts = (len(request.prompt), len(request.generated))
+        if error is not None:
+            request.handle._put(GenerationEvent.failure(error, *counts))
+        else:
+            rest = ""
+            if emit_rest:
+                full = self._text(request) if text is None else text
+                rest = full[request.streamed :]
+            request.handle._put(GenerationEvent(rest, reason, *counts))
         if self.record_logits:
             self.finished.append(request)
-
-
-def _module_shapes(model: nn.Module) -> list[tuple[int, int]]:
-    """``(in, out)`` of every adaptable projection (the rows the pool pages must hold)."""
-    shapes = []
-    for layer in model.model.layers:
-        for projection in ADAPTABLE_PROJECTIONS:
-            module = layer.get_submodule(projection)
-            shapes.append((module.in_features, module.out_features))
-    return shapes

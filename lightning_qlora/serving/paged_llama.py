@@ -1,6 +1,12 @@
-"""A Llama forward pass over a paged KV cache with per-row adapters (batched heterogeneous LoRA).
+"""A Llama-shaped forward pass over a paged KV cache with per-row adapters (batched heterogeneous LoRA).
 
-The weights are those of a transformers ``LlamaForCausalLM`` whose Linear layers were quantized
+Served families (:data:`SUPPORTED_MODEL_TYPES`): Llama, Mistral and Qwen2 -- one decoder shape
+(RMSNorm, rotary attention with grouped K/V heads, SwiGLU MLP); projection biases (Qwen2's q/k/v,
+Llama's ``attention_bias``/``mlp_bias``) are added, and sliding-window attention (Mistral's
+``sliding_window``, Qwen2's ``sliding_attention`` layers) masks keys older than the window, as
+transformers does. Any other family raises :class:`UnsupportedModelError` naming these.
+
+The weights are those of a transformers causal LM whose Linear layers were quantized
 to 4 bits (:func:`~lightning_qlora.quantization.convert.quantize_linears`); this module only runs
 them differently from ``model.forward``: a step takes any mix of sequences (a prompt being
 prefilled, many sequences decoding one token), reads and writes their K/V in pool pages through
@@ -15,7 +21,7 @@ Numerics follow transformers' Llama (RMSNorm in float32, rotary embedding from t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +29,11 @@ from torch import nn
 
 from lightning_qlora.ops import op
 from lightning_qlora.quantization.linear import Linear4bit
+from lightning_qlora.serving.errors import ServerConfigError, UnsupportedModelError
 from lightning_qlora.serving.pool import PagePool
+
+#: ``config.model_type`` of the families the engine runs (one decoder shape).
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 
 #: The projections of a Llama block that adapters may target, in table order.
 ADAPTABLE_PROJECTIONS: tuple[str, ...] = (
@@ -67,18 +77,48 @@ class SequenceStep:
     page_table: torch.Tensor
 
 
+def check_supported(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``model`` is a causal LM of a served family."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"serving runs {', '.join(SUPPORTED_MODEL_TYPES)} models (one decoder shape); got model_type="
+            f"{model_type!r} ({type(model).__name__}). Merge the adapter and use transformers' generate() for it."
+        )
+
+
+def adaptable_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """``(in, out)`` of every adaptable projection of a served model (the rows the pool pages must hold)."""
+    check_supported(model)
+    return [(m.in_features, m.out_features) for layer in model.model.layers
+            for m in (layer.get_submodule(p) for p in ADAPTABLE_PROJECTIONS)]  # fmt: skip
+
+
+def _sliding_windows(config: object, num_layers: int) -> list[int | None]:
+    """Per layer: the attention window (keys with ``position > query - window`` are seen) or None."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None:
+        return [None] * num_layers
+    if layer_types is not None:
+        return [window if kind == "sliding_attention" else None for kind in layer_types[:num_layers]]
+    return [window] * num_layers  # Mistral: every layer slides
+
+
 class PagedLlama:
-    """Runs a (4-bit) ``LlamaForCausalLM`` over a :class:`PagePool` KV cache.
+    """Runs a (4-bit) Llama / Mistral / Qwen2 causal LM over a :class:`PagePool` KV cache.
 
     Args:
-        model: a transformers Llama causal LM (any Linear may be :class:`Linear4bit`).
+        model: a transformers causal LM of a served family (any Linear may be :class:`Linear4bit`).
         pool: the page pool shared with the adapters.
+
+    Raises:
+        UnsupportedModelError: another family (the message names the served ones).
     """
 
     def __init__(self, model: nn.Module, pool: PagePool) -> None:
+        check_supported(model)
         config = model.config
-        if getattr(config, "model_type", None) not in ("llama", "smollm2", "mistral"):
-            raise ValueError(f"PagedLlama serves Llama-architecture models, got model_type={config.model_type!r}.")
         self.model = model.eval()
         self.pool = pool
         self.layers = model.model.layers
@@ -92,8 +132,9 @@ class PagedLlama:
         self.max_positions = int(config.max_position_embeddings)
         self.tokens_per_page = pool.page_size // (2 * self.kv_dim)
         if self.tokens_per_page < 1:
-            raise ValueError(f"pool pages of {pool.page_size} floats cannot hold one token's K and V of one layer "
+            raise ServerConfigError(f"pool pages of {pool.page_size} floats cannot hold one token's K and V of one layer "
                              f"({2 * self.kv_dim} floats); use page_size >= {2 * self.kv_dim}.")  # fmt: skip
+        self.windows = _sliding_windows(config, self.num_layers)
         self.module_names: list[str] = []
         self.module_shapes: dict[str, tuple[int, int]] = {}
         self._modules: list[nn.Module] = []
@@ -145,7 +186,8 @@ class PagedLlama:
         queries = q.new_zeros(rows * plan.max_queries, self.num_heads, self.head_dim)
         queries[plan.query_rows] = q
         queries = queries.view(rows, plan.max_queries, self.num_heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=plan.mask, scale=self.scaling)
+        mask = plan.mask if self.windows[layer] is None else plan.window_mask(self.windows[layer])
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=self.scaling)
         out = out.transpose(1, 2).reshape(rows * plan.max_queries, self.num_heads * self.head_dim)
         return out[plan.query_rows]
 
@@ -192,6 +234,15 @@ class _StepPlan:
     mask: torch.Tensor  # (n, 1, Qmax, Kmax) bool
     max_queries: int
     max_keys: int
+    query_positions: torch.Tensor  # (n, 1, Qmax, 1) position of each padded query
+    _window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def window_mask(self, window: int) -> torch.Tensor:
+        """The causal mask that also hides keys at ``position <= query - window`` (transformers' rule)."""
+        if window not in self._window_masks:
+            keys = torch.arange(self.max_keys).view(1, 1, 1, -1)
+            self._window_masks[window] = self.mask & (keys > self.query_positions - window)
+        return self._window_masks[window]
 
     @staticmethod
     def build(sequences: list[SequenceStep], runner: PagedLlama) -> _StepPlan:
@@ -215,8 +266,9 @@ class _StepPlan:
         key_index = torch.arange(max_keys)
         query_index = torch.arange(max_queries)
         past = torch.tensor([s.past for s in sequences]).view(-1, 1, 1)
-        mask = (key_index.view(1, 1, -1) <= past + query_index.view(1, -1, 1)).unsqueeze(1)
+        query_positions = past + query_index.view(1, -1, 1)  # (n, Qmax, 1)
+        mask = (key_index.view(1, 1, -1) <= query_positions).unsqueeze(1)
         last_rows = torch.tensor(lengths).cumsum(0) - 1
         return _StepPlan(sequences, torch.cat([s.tokens for s in sequences]), positions_t, torch.cat(writes, dim=1),
                          torch.arange(2 * runner.kv_dim), read_pages, torch.cat(query_rows), last_rows, mask,
-                         max_queries, max_keys)  # fmt: skip
+                         max_queries, max_keys, query_positions.unsqueeze(1))  # fmt: skip

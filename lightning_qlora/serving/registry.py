@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from lightning_qlora.serving.adapter_files import AdapterFormatError, LoRAFactors, is_adapter_dir, read_lora_factors
-from lightning_qlora.serving.errors import PoolExhaustedError, UnknownAdapterError
+from lightning_qlora.serving.adapter_files import LoRAFactors, check_fits, is_adapter_dir, read_lora_factors
+from lightning_qlora.serving.errors import AdapterFormatError
+from lightning_qlora.serving.errors import PoolExhaustedError, ServerConfigError, UnknownAdapterError
 from lightning_qlora.serving.pool import PagePool
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class AdapterRegistry:
         self.module_shapes = dict(module_shapes)
         self._paths: dict[str, Path] = {}
         self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
+        self._checked: dict[str, tuple[tuple, int | AdapterFormatError]] = {}  # name -> (file signature, pages or error)
         self._lock = threading.RLock()
         self.stats = RegistryStats()
         if adapters_dir is not None:
@@ -108,7 +110,8 @@ class AdapterRegistry:
         """Register every adapter sub-directory of ``adapters_dir`` under its directory name."""
         root = Path(adapters_dir)
         if not root.is_dir():
-            raise AdapterFormatError(f"adapters_dir={str(root)!r} is not a directory.")
+            raise ServerConfigError(f"adapters_dir={str(root)!r} is not a directory; give the directory whose "
+                                    "sub-directories are adapters.")  # fmt: skip
         names = [child.name for child in sorted(root.iterdir()) if child.is_dir() and is_adapter_dir(child)]
         for name in names:
             self.register(name, root / name)
@@ -128,21 +131,24 @@ class AdapterRegistry:
             raise UnknownAdapterError(name, self.known())
 
     # -- pool residency ------------------------------------------------------------------------
-    def _validate(self, name: str, factors: LoRAFactors) -> None:
-        for module, f in factors.modules.items():
-            if module not in self.module_index:
-                raise AdapterFormatError(f"adapter {name!r} adapts {module!r}, which is not an adaptable layer of "
-                                         f"this base model (e.g. {next(iter(self.module_index))!r}).")  # fmt: skip
-            expected = self.module_shapes[module]
-            if (f.lora_A.shape[1], f.lora_B.shape[0]) != expected:
-                raise AdapterFormatError(
-                    f"adapter {name!r}: {module} has (in, out) = ({f.lora_A.shape[1]}, {f.lora_B.shape[0]}) but the "
-                    f"base layer has {expected}; was it trained on another model?"
-                )
-            longest = max(expected)
-            if longest > self.pool.page_size:
-                raise AdapterFormatError(f"pool pages of {self.pool.page_size} floats cannot hold a factor row of "
-                                         f"{longest}; start the server with page_size >= {longest}.")  # fmt: skip
+    def _read(self, name: str) -> LoRAFactors:
+        """The validated factors of ``name``: readable, self-consistent, and fitting this base model."""
+        try:
+            factors = read_lora_factors(self._paths[name])
+            check_fits(name, factors, self.module_shapes, self.pool.page_size)
+        except AdapterFormatError as error:
+            message = str(error)
+            raise AdapterFormatError(message if message.startswith(f"adapter {name!r}") else
+                                     f"adapter {name!r} cannot be served: {message}") from error  # fmt: skip
+        return factors
+
+    def _signature(self, name: str) -> tuple:
+        """What identifies the files' current content cheaply (names, sizes, mtimes): a change re-validates."""
+        try:
+            return tuple(sorted((p.name, s.st_size, s.st_mtime_ns) for p in self._paths[name].iterdir()
+                                if p.is_file() and (s := p.stat())))  # fmt: skip
+        except OSError:
+            return ()
 
     @staticmethod
     def _row_lengths(factors: LoRAFactors) -> list[int]:
@@ -152,12 +158,27 @@ class AdapterRegistry:
         return lengths
 
     def pages_needed(self, name: str) -> int:
-        """Pages adapter ``name`` occupies once loaded (reads its files if it is not resident)."""
+        """Pages adapter ``name`` occupies once loaded; validates it (once per version of its files).
+
+        Raises:
+            UnknownAdapterError: no adapter of that name is registered.
+            AdapterFormatError: its files cannot be served (the message names the adapter and the problem).
+        """
         with self._lock:
             if name in self._loaded:
                 return len(self._loaded[name].pages)
             self.check_known(name)
-            return pages_for_rows(self._row_lengths(read_lora_factors(self._paths[name])), self.pool.page_size)
+            signature = self._signature(name)
+            cached = self._checked.get(name)
+            if cached is None or cached[0] != signature:
+                try:
+                    cached = (signature, pages_for_rows(self._row_lengths(self._read(name)), self.pool.page_size))
+                except AdapterFormatError as error:
+                    cached = (signature, error)
+                self._checked[name] = cached
+            if isinstance(cached[1], AdapterFormatError):
+                raise AdapterFormatError(str(cached[1]))
+            return cached[1]
 
     def evictable_pages(self) -> int:
         """Pages held by resident adapters no request uses."""
@@ -181,8 +202,7 @@ class AdapterRegistry:
                  name, len(adapter.pages), self.pool.used_pages, self.pool.num_pages)  # fmt: skip
 
     def _load(self, name: str) -> LoadedAdapter:
-        factors = read_lora_factors(self._paths[name])
-        self._validate(name, factors)
+        factors = self._read(name)  # again: the files may have changed since submission
         page_size = self.pool.page_size
         count = pages_for_rows(self._row_lengths(factors), page_size)
         if count > self.pool.num_pages:

@@ -124,3 +124,51 @@ def test_client_disconnecting_mid_stream_frees_its_pages(server):
     assert after["kv_pages"] == 0 and after["running"] == 0
     assert after["finish_reasons"].get("cancelled") == 1  # freed by the cancellation, not by finishing
     assert "r16-attn" in after["loaded_adapters"]  # unpinned but still resident (evictable)
+
+
+def test_models_have_created_and_an_8_mib_body_is_refused_while_a_small_request_completes(server):
+    models = requests.get(f"{server}/v1/models", timeout=30).json()["data"]
+    assert all(isinstance(m["created"], int) and m["created"] > 0 for m in models)
+    import threading
+
+    small: dict = {}
+    thread = threading.Thread(target=lambda: small.update(reply=_chat(server, "r2-qv", "hi", max_tokens=4)))
+    thread.start()
+    body = json.dumps({"model": "base", "prompt": "y" * (8 * 1024 * 1024), "max_tokens": 4}).encode()
+    try:
+        big = requests.post(f"{server}/v1/completions", data=body, headers={"content-type": "application/json"},
+                            timeout=60)  # hang guard only  # fmt: skip
+        assert big.status_code == 413 and "max_body_bytes" in big.json()["error"]["message"]
+    except requests.ConnectionError:  # the server may answer 413 and close before the client sent it all
+        pass
+    thread.join(timeout=120)
+    assert small["reply"].status_code == 200
+    chars = requests.post(f"{server}/v1/completions", json={"model": "base", "prompt": "y" * 200_000}, timeout=60)
+    assert chars.status_code == 413 and "max_prompt_chars" in chars.json()["error"]["message"]
+
+
+def test_the_openai_client_lists_completes_and_streams(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+    assert {m.id for m in client.models.list()} == {"base", "r16-attn", "r2-qv", "r4-all", "r8-mlp"}
+    whole = client.completions.create(model="r8-mlp", prompt="Once upon", max_tokens=8, temperature=0)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="r8-mlp", prompt="Once upon", max_tokens=8, temperature=0, stream=True))  # fmt: skip
+    assert streamed == whole.choices[0].text
+    chat = client.chat.completions.create(model="r4-all", messages=[{"role": "user", "content": "Hi!"}], max_tokens=6,
+                                          temperature=0)  # fmt: skip
+    assert chat.choices[0].message.content is not None and chat.usage.completion_tokens >= 1
+    pieces = client.chat.completions.create(model="r4-all", messages=[{"role": "user", "content": "Hi!"}],
+                                            max_tokens=6, temperature=0, stream=True)  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in pieces) == chat.choices[0].message.content
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+
+
+def test_default_host_is_loopback():
+    import inspect
+
+    from lightning_qlora.serving.api import AdapterServer
+
+    assert inspect.signature(AdapterServer.run).parameters["host"].default == "127.0.0.1"
