@@ -1,4 +1,4 @@
-"""``python -m lightning_qlora.bench <name>``: run one benchmark (``kernels``)."""
+"""``python -m lightning_qlora.bench <name>``: run one benchmark (``kernels``), or the GPU check (``gpu OUTDIR``)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,13 @@ BENCHMARKS = {"kernels": kernels.main}
 
 
 def main(argv: list[str]) -> None:
+    if argv[:1] == ["gpu"]:  # takes its own arguments (see lightning_qlora/bench/gpu.py)
+        from lightning_qlora.bench import gpu
+
+        raise SystemExit(gpu.main(argv[1:]))
     if len(argv) != 1 or argv[0] not in BENCHMARKS:
-        raise SystemExit(f"usage: python -m lightning_qlora.bench {{{','.join(BENCHMARKS)}}}, got {argv}")
+        choices = ",".join(BENCHMARKS)
+        raise SystemExit(f"usage: python -m lightning_qlora.bench {{{choices}}} | gpu OUTDIR [--dry-run], got {argv}")
     BENCHMARKS[argv[0]]()
 
 

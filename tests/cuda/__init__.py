@@ -1,0 +1,1 @@
+"""The CUDA test set (``pytest -m cuda``): skipped without a GPU, run on one by ``make gpu-check``."""
