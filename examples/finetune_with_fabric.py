@@ -10,7 +10,7 @@ import sys
 import lightning as L
 import torch
 
-from lightning_qlora.adapters import DoRAConfig, adapter_layers, adapter_param_groups
+from lightning_qlora.adapters import DoRAConfig, adapter_param_groups
 from lightning_qlora.data import InstructionDataModule, task_paths
 from lightning_qlora.models.tiny import load_tiny_llama
 from lightning_qlora.plugins import FabricNF4Precision
@@ -29,9 +29,8 @@ def main(steps: int = 20) -> None:
     losses = []
     for step, batch in zip(range(steps), loader):
         loss = model(**batch).loss
-        extra = sum(layer.extra_loss() for layer in adapter_layers(model).values())
-        fabric.backward(loss + extra)
-        optimizer.step()
+        fabric.backward(loss)  # the plugin adds the adapters' extra loss (AdaLoRA, mixtures) here
+        optimizer.step()  # ... and runs their per-step work (Delta-LoRA) after this
         optimizer.zero_grad()
         losses.append(loss.item())
         if step % 5 == 0:

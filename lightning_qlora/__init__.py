@@ -5,6 +5,8 @@ NF4/FP4 quantization bit-exact with bitsandbytes, custom ops with C++/CUDA kerne
 Hydra app.
 """
 
-from lightning_qlora import ops  # noqa: F401  (registers the custom ops)
+from lightning_qlora import _registration, ops  # noqa: F401  (ops registers the custom ops)
+
+_registration.install()  # Trainer(strategy="paged" | "paged_ddp" | "qlora_fsdp"), without importing Lightning
 
 __version__ = "0.1.0"

@@ -1,8 +1,16 @@
-"""Typed errors raised on bad input, and the validators that raise them.
+"""The package's error root, its kinds, and the quantization core's typed errors and validators.
+
+Every error we raise derives from :class:`LightningQLoRAError`, so ``except LightningQLoRAError``
+catches all of them, and from one of four kinds by what the user did wrong:
+
+* :class:`ConfigError` -- a setting, argument or config value is invalid (also ``ValueError``);
+* :class:`InputError` -- data given to an operation is unusable: shape, dtype, NaN (``ValueError``);
+* :class:`FileFormatError` -- a file or directory on disk is missing, damaged or of another kind (``ValueError``);
+* :class:`ResourceError` -- the machine cannot do it: memory, disk, a device, a build (``RuntimeError``).
 
 Every error names the offending value and says what is accepted, so a user can fix the
-call without reading our source. All of them derive from :class:`QuantizationError`
-(itself a ``ValueError``), and dtype errors are also ``TypeError``.
+call without reading our source. The quantization core's errors derive from
+:class:`QuantizationError` (an :class:`InputError`), and dtype errors are also ``TypeError``.
 """
 
 from __future__ import annotations
@@ -19,7 +27,27 @@ BLOCK_SIZES_8BIT: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class QuantizationError(ValueError):
+class LightningQLoRAError(Exception):
+    """Root of every error lightning_qlora raises; catch it to handle all of them."""
+
+
+class ConfigError(LightningQLoRAError, ValueError):
+    """A setting, argument or config value is invalid; the message names it and the accepted values."""
+
+
+class InputError(LightningQLoRAError, ValueError):
+    """Data handed to an operation cannot be used (shape, dtype, non-finite values...)."""
+
+
+class FileFormatError(LightningQLoRAError, ValueError):
+    """A file or directory is missing, damaged, or not the kind the operation reads."""
+
+
+class ResourceError(LightningQLoRAError, RuntimeError):
+    """The machine cannot do what was asked (memory, disk, device, compiler, lock)."""
+
+
+class QuantizationError(InputError):
     """Base class for every input error of the quantization core."""
 
 
@@ -95,7 +123,7 @@ def check_finite(tensor: torch.Tensor, name: str = "input") -> None:
     raise NonFiniteError(
         f"{name} holds {count} non-finite value(s) (first: {value} at flat index {first} of shape "
         f"{tuple(tensor.shape)}). NaN/Inf cannot be quantized: they would corrupt the whole block. "
-        "Fix the weights (e.g. torch.nan_to_num) or pass check_finite=False to quantize anyway."
+        "Fix the weights (e.g. torch.nan_to_num) or pass check_values=False to quantize anyway."
     )
 
 

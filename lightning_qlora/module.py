@@ -1,14 +1,19 @@
 """``QLoRAModule``: a LightningModule for fine-tuning a transformers causal LM with QLoRA.
 
-Pair it with :class:`~lightning_qlora.plugins.NF4Precision`. It adds every adapter's
-``extra_loss()`` (AdaLoRA's orthogonality, a mixture's load balancing) to the LM loss, builds
-AdamW over the adapters' parameter groups (so LoRA+ gets its faster B), runs Delta-LoRA's
-base update after each optimizer step, converts the model before a checkpoint is restored, and
-with ``adapters_only_checkpoints=True`` writes checkpoints that hold only the adapters (the
-4-bit base is re-created from the float model, deterministically).
+Pair it with :class:`~lightning_qlora.plugins.NF4Precision` -- or use your own LightningModule:
+the plugin alone converts the model, adds every adapter's ``extra_loss()`` to the loss, runs the
+per-step work (Delta-LoRA's base update) and resumes checkpoints. What this module adds is only
+what is specific to causal-LM fine-tuning:
 
-Batches are dicts with ``input_ids`` (and optionally ``attention_mask`` and ``labels``; labels
-default to the input ids, with -100 ignored).
+* the loss of a transformers causal LM (labels default to the input ids; -100 ignored), logged
+  as ``train/loss`` / ``val/loss``, with the adapters' extra loss logged as ``train/extra_loss``;
+* AdamW (or any optimizer factory) over the adapters' parameter groups (LoRA+ gets its faster B);
+* train mode at fit start (pretrained loaders return eval-mode models; adapters' dropout and
+  LoRA-drop's importance tracking need train mode);
+* ``adapters_only_checkpoints=True``: checkpoints hold only the adapters (the 4-bit base is
+  re-created from the float model, deterministically, and the plugin checks the settings match).
+
+Batches are dicts with ``input_ids`` (and optionally ``attention_mask`` and ``labels``).
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_qlora.adapters import adapter_layers, adapter_param_groups, delta_lora_step
-from lightning_qlora.adapters.io import adapter_state_dict
+from lightning_qlora.adapters import adapter_extra_loss, adapter_param_groups
 from lightning_qlora.plugins import convert_before_checkpoint_restore
+from lightning_qlora.plugins.checkpoint import keep_only_adapters
 
 
 class QLoRAModule(L.LightningModule):
@@ -54,23 +59,23 @@ class QLoRAModule(L.LightningModule):
     def forward(self, **batch: Any) -> Any:
         return self.model(**batch)
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = batch.get("labels", batch["input_ids"])
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)
-        extra = sum((layer.extra_loss() for layer in adapter_layers(self.model).values()), out.loss.new_zeros(()))
-        return out.loss, extra
+        return out.loss
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        lm_loss, extra = self._loss(batch)
+        lm_loss = self._loss(batch)
         self.log("train/loss", lm_loss, prog_bar=True)
-        if extra.requires_grad or extra.item() != 0:
-            self.log("train/extra_loss", extra)
-        return lm_loss + extra
+        extra = adapter_extra_loss(self.model)  # the plugin adds it to the backpropagated loss; shown here
+        if extra is not None:
+            self.log("train/extra_loss", extra.detach())
+        return lm_loss
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        lm_loss, _ = self._loss(batch)
+        lm_loss = self._loss(batch)
         self.log("val/loss", lm_loss, prog_bar=True)
         return lm_loss
 
@@ -93,15 +98,11 @@ class QLoRAModule(L.LightningModule):
         self.model.train()
 
     @override
-    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
-        # Lightning calls this right after each optimizer step (also under gradient accumulation)
-        delta_lora_step(self.model)
-
-    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.adapters_only_checkpoints:
-            checkpoint["state_dict"] = {f"model.{k}": v for k, v in adapter_state_dict(self.model).items()}
+            keep_only_adapters(checkpoint, self.model, prefix="model.")
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # checkpoints written before the plugin recorded its settings hold the converted layout
         convert_before_checkpoint_restore(self, checkpoint)

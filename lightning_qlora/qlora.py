@@ -13,14 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 from torch import nn
 
-from lightning_qlora.adapters import LoRAConfig, inject_adapters
-from lightning_qlora.errors import BLOCK_SIZES_4BIT, QuantizationError, check_block_size
+from lightning_qlora.adapters import AdapterConfig, LoRAConfig, find_targets, inject_adapters
+from lightning_qlora.errors import (
+    BLOCK_SIZES_4BIT,
+    ConfigError,
+    NonFiniteError,
+    QuantizationError,
+    check_block_size,
+    check_finite,
+)
 from lightning_qlora.quantization.convert import quantize_linears
+from lightning_qlora.quantization.linear import Linear4bit
 
 #: mode -> (quant_type, double_quant); "none" = adapters on the float base.
 MODES: dict[str, tuple[str, bool] | None] = {
@@ -34,8 +40,16 @@ _COMPUTE_DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32
                    "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
 
 
-class QLoRAConfigError(QuantizationError):
-    """A QLoRA setting (mode, compute dtype, targets) is invalid."""
+class QLoRAConfigError(ConfigError, QuantizationError):
+    """A QLoRA setting (mode, compute dtype, targets) is invalid.
+
+    Also a :class:`~lightning_qlora.errors.QuantizationError`, which it was before the package had one error root.
+    """
+
+
+def default_adapter() -> LoRAConfig:
+    """The adapter :class:`QLoRASpec` and the plugins use unless told otherwise: LoRA r=16, alpha=32."""
+    return LoRAConfig(r=16, alpha=32)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -70,14 +84,15 @@ class QLoRASpec:
     Attributes:
         mode: ``"nf4"``, ``"nf4-dq"`` (QLoRA), ``"fp4"``, ``"fp4-dq"`` or ``"none"`` (plain LoRA on a float base).
         blocksize: elements per absmax block (32..4096).
-        adapter: any adapter config from :mod:`lightning_qlora.adapters`.
+        adapter: any adapter config from :mod:`lightning_qlora.adapters` (default: :func:`default_adapter`),
+            or ``None`` to quantize and freeze only (as Lightning's ``BitsandbytesPrecision`` does).
         target_modules: which Linear layers get adapters (names, globs, ``re:...`` or ``"all-linear"``).
         skip_modules: layers neither quantized nor adapted (the output head is sensitive).
     """
 
     mode: str = "nf4-dq"
     blocksize: int = 64
-    adapter: Any = field(default_factory=lambda: LoRAConfig(r=16, alpha=32))
+    adapter: AdapterConfig | None = field(default_factory=default_adapter)
     target_modules: str | Sequence[str] = "all-linear"
     skip_modules: Sequence[str] = ("lm_head",)
 
@@ -85,10 +100,13 @@ class QLoRASpec:
         if self.mode not in MODES:
             raise QLoRAConfigError(f"mode={self.mode!r} is not a QLoRA mode; choose one of {', '.join(MODES)}.")
         check_block_size(self.blocksize, BLOCK_SIZES_4BIT)
-        if not hasattr(self.adapter, "build") or not hasattr(self.adapter, "method"):
+        if self.adapter is not None and not isinstance(self.adapter, AdapterConfig):
             raise QLoRAConfigError(
-                f"adapter={self.adapter!r} is not an adapter config; use e.g. lightning_qlora.adapters.LoRAConfig(r=16)."
+                f"adapter={self.adapter!r} is not an adapter config; use e.g. lightning_qlora.adapters.LoRAConfig(r=16), "
+                "or adapter=None to quantize and freeze only."
             )
+        if isinstance(self.skip_modules, str):
+            raise QLoRAConfigError(f"skip_modules={self.skip_modules!r} must be a list of names, e.g. ['lm_head'].")
 
 
 @dataclass(frozen=True)
@@ -99,14 +117,61 @@ class QLoRAReport:
     adapted: list[str]
 
 
-def apply_qlora(model: nn.Module, spec: QLoRASpec) -> QLoRAReport:
-    """Quantize (layer by layer), inject adapters and freeze everything else, in place."""
-    if not any(isinstance(m, nn.Linear) for m in model.modules()):
-        raise QLoRAConfigError(f"{type(model).__name__} has no nn.Linear layer: there is nothing to quantize or adapt.")
-    quantized: list[str] = []
+def _skipped(name: str, skip: Sequence[str]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def _check_existing_4bit(model: nn.Module, spec: QLoRASpec) -> None:
+    """A model that arrives 4-bit already (e.g. from ``load_causal_lm``) must be in the spec's format."""
     formats = MODES[spec.mode]
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear4bit) or formats is None:
+            continue
+        weight = module.weight
+        here = (weight.quant_type, weight.double_quantized)
+        if here != formats or weight.blocksize != spec.blocksize:
+            found = f"{weight.quant_type}{'-dq' if weight.double_quantized else ''}"
+            raise QLoRAConfigError(
+                f"layer {name!r} is already 4-bit as {found} (blocksize {weight.blocksize}) but mode={spec.mode!r}, "
+                f"blocksize={spec.blocksize}; pass mode={found!r}, blocksize={weight.blocksize} to use the model as "
+                "it is."
+            )
+
+
+def apply_qlora(model: nn.Module, spec: QLoRASpec) -> QLoRAReport:
+    """Quantize (layer by layer), inject adapters and freeze everything else, in place.
+
+    Everything that can fail is checked before the model is touched -- the targets, every
+    weight's values (a NaN/Inf names its layer), layers that are 4-bit already -- so on an
+    error the model is exactly as it was. Layers already 4-bit are kept (only adapters are added).
+    """
+    linears = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, Linear4bit))]
+    if not linears:
+        raise QLoRAConfigError(f"{type(model).__name__} has no nn.Linear layer: there is nothing to quantize or adapt.")
+    _check_existing_4bit(model, spec)
+    formats = MODES[spec.mode]
+    to_quantize = [] if formats is None else [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not _skipped(name, spec.skip_modules)
+    ]  # fmt: skip
+    if spec.adapter is not None:
+        find_targets(model, spec.target_modules, exclude=spec.skip_modules)  # raises on a target that matches nothing
+    for name in to_quantize:
+        try:
+            check_finite(model.get_submodule(name).weight, name=f"{name}.weight")
+        except NonFiniteError as error:
+            raise NonFiniteError(
+                f"{error} Nothing was converted. Fix that layer's weights, or leave it in float with "
+                f"skip_modules=[..., {name.rpartition('.')[2]!r}]."
+            ) from None
+    quantized: list[str] = []
     if formats is not None:
         quant_type, double_quant = formats
-        quantized = quantize_linears(model, quant_type, spec.blocksize, double_quant, skip=spec.skip_modules)
+        quantized = quantize_linears(model, quant_type, spec.blocksize, double_quant, skip=spec.skip_modules,
+                                     check_values=False)  # fmt: skip
+    if spec.adapter is None:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        return QLoRAReport(quantized, [])
     adapted = inject_adapters(model, spec.adapter, spec.target_modules, exclude=spec.skip_modules)
     return QLoRAReport(quantized, adapted)

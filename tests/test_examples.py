@@ -55,6 +55,13 @@ def test_finetune_with_fabric_example(capsys, monkeypatch):
 
 
 @pytest.mark.slow
+def test_plain_lightning_module_example(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["plain_lightning_module.py"])
+    runpy.run_path(str(EXAMPLES / "plain_lightning_module.py"), run_name="__main__")
+    assert "every tensor identical (moved 4-bit bases included): True" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_wandb_offline_example(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["wandb_offline.py", str(tmp_path)])
     runpy.run_path(str(EXAMPLES / "wandb_offline.py"), run_name="__main__")

@@ -6,11 +6,34 @@ layout.
 """
 
 from lightning_qlora.adapters.adalora import AdaLoRAConfig, AdaLoRALayer
-from lightning_qlora.adapters.base import AdapterConfigError, AdapterLayer, MergeReport
+from lightning_qlora.adapters.base import (
+    AdapterConfig,
+    AdapterConfigError,
+    AdapterLayer,
+    CapabilityError,
+    LoRAFactors,
+    MergeReport,
+    PeftState,
+)
 from lightning_qlora.adapters.delta_lora import DeltaLoRAConfig, DeltaLoRALayer, delta_lora_step
 from lightning_qlora.adapters.dora import DoRAConfig, DoRALayer
-from lightning_qlora.adapters.inject import adapter_layers, adapter_param_groups, find_targets, inject_adapters
-from lightning_qlora.adapters.io import export_peft, import_peft, load_adapters, save_adapters
+from lightning_qlora.adapters.inject import (
+    adapter_extra_loss,
+    adapter_layers,
+    adapter_param_groups,
+    after_optimizer_step,
+    find_targets,
+    inject_adapters,
+)
+from lightning_qlora.adapters.io import (
+    AdapterFileError,
+    AdapterFiles,
+    export_peft,
+    import_peft,
+    load_adapters,
+    read_adapter_files,
+    save_adapters,
+)
 from lightning_qlora.adapters.lora import LoRAConfig, LoRALayer
 from lightning_qlora.adapters.lora_drop import (
     LoRADropConfig,
@@ -31,8 +54,14 @@ __all__ = [
     "ADAPTER_CONFIGS",
     "AdaLoRAConfig",
     "AdaLoRALayer",
+    "AdapterConfig",
     "AdapterConfigError",
+    "AdapterFileError",
+    "AdapterFiles",
     "AdapterLayer",
+    "CapabilityError",
+    "LoRAFactors",
+    "PeftState",
     "DeltaLoRAConfig",
     "DeltaLoRALayer",
     "DoRAConfig",
@@ -51,9 +80,11 @@ __all__ = [
     "SharedLoRA",
     "VeRAConfig",
     "VeRALayer",
+    "adapter_extra_loss",
     "adapter_layers",
     "adapter_param_groups",
     "adapter_summary",
+    "after_optimizer_step",
     "apply_lora_drop",
     "restore_lora_drop_structure",
     "config_from_dict",
@@ -64,6 +95,7 @@ __all__ = [
     "import_peft",
     "inject_adapters",
     "load_adapters",
+    "read_adapter_files",
     "merged_state_dict",
     "save_adapters",
     "trainable_parameter_count",

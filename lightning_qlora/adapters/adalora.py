@@ -19,16 +19,17 @@ Trainable parameters: ``r (in + out + 1)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from lightning_qlora.adapters.base import AdapterConfigError, AdapterLayer, check_positive_int
-from lightning_qlora.adapters.lora import check_rank
+from lightning_qlora.adapters.base import AdapterConfig, AdapterConfigError, AdapterLayer, LoRAFactors, PeftState
 
 
-@dataclass(frozen=True)
-class AdaLoRAConfig:
+@dataclass(frozen=True, kw_only=True)
+class AdaLoRAConfig(AdapterConfig):
     """AdaLoRA layer settings (the schedule's settings live in the ``AdaLoRABudget`` callback).
 
     Attributes:
@@ -42,15 +43,24 @@ class AdaLoRAConfig:
     alpha: float = 32.0
     dropout: float = 0.0
     orth_reg_weight: float = 0.5
-    method = "adalora"
+    method: ClassVar[str] = "adalora"
 
     def __post_init__(self) -> None:
-        check_positive_int(self.method, "r", self.r, " (the initial rank, e.g. 12)")
-        if self.orth_reg_weight < 0:
+        super().__post_init__()
+        if not self.orth_reg_weight >= 0:
             raise AdapterConfigError(f"adalora: orth_reg_weight={self.orth_reg_weight!r} must be >= 0.")
 
-    def build(self, base: nn.Module) -> AdaLoRALayer:
-        return AdaLoRALayer(base, self)
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.r + 1e-5)  # the initial rank stays the divisor as ranks are pruned (as PEFT)
+
+    def lora_factors_from_state(self, name: str, tensors: Mapping[str, torch.Tensor]) -> LoRAFactors:
+        try:
+            values = tensors[f"{name}.lora_E"].float() * tensors[f"{name}.rank_mask"].float()
+            lora_A, lora_B = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
+        except KeyError as error:
+            raise AdapterConfigError(f"adapter tensor {error.args[0]} is missing; the adapter file is incomplete.") from None
+        return LoRAFactors(values.unsqueeze(1) * lora_A, lora_B, self.scaling)
 
 
 class AdaLoRALayer(AdapterLayer):
@@ -58,14 +68,13 @@ class AdaLoRALayer(AdapterLayer):
 
     def __init__(self, base: nn.Module, config: AdaLoRAConfig) -> None:
         super().__init__(base, config)
-        check_rank(config.r, self.in_features, self.out_features, config.method)
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.randn(config.r, self.in_features, device=device) * 0.02)
         self.lora_E = nn.Parameter(torch.zeros(config.r, device=device))
         self.lora_B = nn.Parameter(torch.randn(self.out_features, config.r, device=device) * 0.02)
         self.register_buffer("rank_mask", torch.ones(config.r, device=device))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.scaling = config.alpha / (config.r + 1e-5)
+        self.scaling = config.scaling
         self._ema: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -123,6 +132,20 @@ class AdaLoRALayer(AdapterLayer):
 
         return score("lora_E") + score("lora_A").mean(dim=1) + score("lora_B").mean(dim=0)
 
+    def lora_factors(self) -> LoRAFactors:
+        values = (self.lora_E * self.rank_mask).detach().float()
+        return LoRAFactors(values.unsqueeze(1) * self.lora_A.detach().float(), self.lora_B.detach().float(), self.scaling)
+
+    def peft_state(self, name: str) -> PeftState:
+        config = self.config
+        # pruned ranks are exported as zero singular values: PEFT then computes the same outputs
+        tensors = {"lora_A": self.lora_A.detach().contiguous(), "lora_B": self.lora_B.detach().contiguous(),
+                   "lora_E": (self.lora_E * self.rank_mask).detach().unsqueeze(1).contiguous()}  # fmt: skip
+        peft_config = {"peft_type": "ADALORA", "init_r": config.r, "lora_alpha": config.alpha,
+                       "lora_dropout": config.dropout, "orth_reg_weight": config.orth_reg_weight, "total_step": 1,
+                       "rank_pattern": None}  # fmt: skip
+        return PeftState(peft_config, tensors)
+
     @torch.no_grad()
     def set_rank_mask(self, mask: torch.Tensor) -> None:
         """Keep ranks where ``mask`` is true (``(r,)``); masked ``lambda`` is also zeroed."""
@@ -130,3 +153,6 @@ class AdaLoRALayer(AdapterLayer):
             raise AdapterConfigError(f"rank mask must have shape {tuple(self.rank_mask.shape)}, got {tuple(mask.shape)}")
         self.rank_mask.copy_(mask.to(self.rank_mask.dtype))
         self.lora_E.mul_(self.rank_mask)
+
+
+AdaLoRAConfig.layer_class = AdaLoRALayer

@@ -15,23 +15,31 @@ fold. We keep exactly that factored form (two rank-r matrices, no dense buffer):
   Between folds the forward adds the pending ``lambda s (B A - B_ref A_ref) x`` (detached),
   so the model always computes with the current weight.
 
-Call :func:`delta_lora_step` after each ``optimizer.step()`` (the Lightning plugin does it).
+The per-step work is the layer's ``after_optimizer_step()`` hook: the Lightning plugins
+(:class:`~lightning_qlora.plugins.NF4Precision`, ``FabricNF4Precision``) run it after every
+optimizer step of any LightningModule or Fabric loop; without Lightning call
+:func:`~lightning_qlora.adapters.after_optimizer_step` after each ``optimizer.step()``.
+
+PEFT has no Delta-LoRA: exporting to PEFT's layout is refused (A and B alone would not
+reproduce a model whose base moved); :func:`~lightning_qlora.adapters.export_merged` ships it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from lightning_qlora.adapters.base import base_weight, check_positive_int
-from lightning_qlora.adapters.inject import adapter_layers
+from lightning_qlora.adapters.base import CapabilityError, LoRAFactors, PeftState, base_weight, check_positive_int
+from lightning_qlora.adapters.inject import after_optimizer_step
 from lightning_qlora.adapters.lora import LoRAConfig, LoRALayer
 from lightning_qlora.quantization.tensor import Quantized4bitTensor, quantize_4bit
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DeltaLoRAConfig(LoRAConfig):
     """LoRA settings plus the base update.
 
@@ -44,14 +52,17 @@ class DeltaLoRAConfig(LoRAConfig):
     delta_scale: float = 2.0
     fold_every: int = 8
     seed: int = 0
-    method = "delta_lora"
+    method: ClassVar[str] = "delta_lora"
+
+    def lora_factors_from_state(self, name: str, tensors: Mapping[str, torch.Tensor]) -> LoRAFactors:
+        raise CapabilityError(
+            "Delta-LoRA moved its base weight, so its A/B cannot be served over the original base; merge it "
+            "(lightning_qlora.adapters.export_merged) and serve that model."
+        )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int(self.method, "fold_every", self.fold_every)
-
-    def build(self, base: nn.Module) -> DeltaLoRALayer:
-        return DeltaLoRALayer(base, self)
 
 
 class DeltaLoRALayer(LoRALayer):
@@ -104,6 +115,27 @@ class DeltaLoRALayer(LoRALayer):
         return True
 
 
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        # the base moved: it belongs to the adapter (4-bit bases in bitsandbytes' keys)
+        return {k: v for k, v in self.state_dict().items() if isinstance(v, torch.Tensor)}
+
+    def peft_state(self, name: str) -> PeftState:
+        raise CapabilityError(
+            f"layer {name!r} is Delta-LoRA, which also moved its base weight; PEFT has no such method and its A/B alone "
+            "would not reproduce the model. Ship it with lightning_qlora.adapters.export_merged(model, path) (a float "
+            "model with everything folded in) or save_adapters(model, dir) (our format, base included)."
+        )
+
+    def lora_factors(self) -> LoRAFactors:
+        raise CapabilityError(
+            "Delta-LoRA moved its base weight, so its A/B cannot be served over the original base; merge it "
+            "(lightning_qlora.adapters.export_merged) and serve that model."
+        )
+
+
+DeltaLoRAConfig.layer_class = DeltaLoRALayer
+
+
 def delta_lora_step(model: nn.Module) -> int:
-    """Run :meth:`DeltaLoRALayer.after_optimizer_step` on every Delta-LoRA layer; returns how many folded."""
-    return sum(layer.after_optimizer_step() for layer in adapter_layers(model).values() if isinstance(layer, DeltaLoRALayer))
+    """Deprecated name of :func:`~lightning_qlora.adapters.after_optimizer_step` (runs every layer's per-step work)."""
+    return after_optimizer_step(model)

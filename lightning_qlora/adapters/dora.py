@@ -14,22 +14,24 @@ Trainable parameters: ``r * (in + out) + out``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from lightning_qlora.adapters.base import base_weight
+from lightning_qlora.adapters.base import AdapterConfig, CapabilityError, LoRAFactors, PeftState, base_weight
 from lightning_qlora.adapters.lora import LoRAConfig, LoRALayer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DoRAConfig(LoRAConfig):
     """LoRA settings; the magnitude vector is added automatically."""
 
-    method = "dora"
+    method: ClassVar[str] = "dora"
 
-    def build(self, base: nn.Module) -> DoRALayer:
-        return DoRALayer(base, self)
+    def lora_factors_from_state(self, name: str, tensors: Mapping[str, torch.Tensor]) -> LoRAFactors:
+        return AdapterConfig.lora_factors_from_state(self, name, tensors)  # refuse: the magnitude rescales the base
 
 
 class DoRALayer(LoRALayer):
@@ -54,3 +56,20 @@ class DoRALayer(LoRALayer):
         weight = base_weight(self.base) + self.scaling * (self.lora_B.float() @ self.lora_A.float())
         merged = (self.lora_magnitude.float() / torch.linalg.norm(weight, dim=1)).unsqueeze(1) * weight
         return merged - base_weight(self.base)
+
+    def peft_config(self) -> dict[str, Any]:
+        return {**super().peft_config(), "use_dora": True}
+
+    def peft_state(self, name: str) -> PeftState:
+        state = super().peft_state(name)
+        state.tensors["lora_magnitude_vector"] = self.lora_magnitude.detach().contiguous()
+        return state
+
+    def lora_factors(self) -> LoRAFactors:
+        raise CapabilityError(
+            "'dora' adapters rescale every row of the base weight, so they are not a scale * B A update and cannot "
+            "be served as LoRA factors; merge them (lightning_qlora.adapters.export_merged) to serve the result."
+        )
+
+
+DoRAConfig.layer_class = DoRALayer

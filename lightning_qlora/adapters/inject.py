@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
-from lightning_qlora.adapters.base import AdapterConfigError, AdapterLayer
+from lightning_qlora.adapters.base import AdapterConfig, AdapterConfigError, AdapterLayer
 from lightning_qlora.quantization.linear import Linear4bit
 
 _LINEAR_TYPES = (nn.Linear, Linear4bit)
@@ -58,26 +60,48 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str], exclude:
 
 def inject_adapters(
     model: nn.Module,
-    config: Any,
+    config: AdapterConfig,
     target_modules: str | Sequence[str] = "all-linear",
     exclude: Iterable[str] = ("lm_head",),
 ) -> list[str]:
     """Wrap every targeted Linear of ``model`` with ``config.build(layer)``; freeze all else.
 
+    Every adapter is built before the model is touched, so a bad config, target or layer
+    raises and leaves ``model`` exactly as it was. A rank above a layer's ``min(in, out)`` is
+    accepted, as PEFT does, with one warning naming those layers.
+
     Returns:
         The qualified names of the wrapped layers (their adapters live at ``<name>``).
     """
+    if not isinstance(config, AdapterConfig):
+        raise AdapterConfigError(
+            f"config={config!r} is not an adapter config; use one from lightning_qlora.adapters, e.g. LoRAConfig(r=16)."
+        )
     names = find_targets(model, target_modules, exclude)
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        built = {name: config.build(model.get_submodule(name)) for name in names}
+    except BaseException:
+        for parameter, flag in flags:  # building freezes each base: undo that too
+            parameter.requires_grad_(flag)
+        raise
+    # building froze the wrapped bases; the model is only changed from here on, and nothing below can fail
+    oversized = [name for name, layer in built.items() if config.r > min(layer.in_features, layer.out_features)]
+    if oversized:
+        warnings.warn(
+            f"{config.method}: r={config.r} exceeds min(in, out) of {len(oversized)} layer(s) "
+            f"({', '.join(oversized[:6])}{', ...' if len(oversized) > 6 else ''}); their adapters get more parameters "
+            "than they can use (allowed, as in PEFT). Lower r or exclude those layers to save them.",
+            stacklevel=2,
+        )
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    for name in names:
+    for name, layer in built.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, config.build(getattr(parent, child)))
-    if getattr(config, "method", None) == "lora_drop":  # late import: lora_drop imports this module
-        from lightning_qlora.adapters.lora_drop import register_restore_hook
-
-        register_restore_hook(model)
+        setattr(parent, child, layer)
+    for layer in built.values():
+        layer.on_inject(model)
     return names
 
 
@@ -97,3 +121,16 @@ def adapter_param_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
             if params:
                 groups.append({**group, "params": params})
     return groups
+
+
+def adapter_extra_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of every adapter's ``extra_loss()`` (orthogonality, load balancing), or ``None`` if no method has one."""
+    terms = [term for layer in adapter_layers(model).values() if (term := layer.extra_loss()) is not None]
+    if not terms:
+        return None
+    return torch.stack([term.float() for term in terms]).sum()
+
+
+def after_optimizer_step(model: nn.Module) -> int:
+    """Run every adapter's per-step work (e.g. Delta-LoRA's base update); returns how many layers changed."""
+    return sum(bool(layer.after_optimizer_step()) for layer in adapter_layers(model).values())

@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from lightning_qlora.adapters.base import AdapterConfigError, AdapterLayer, check_positive_int
+from lightning_qlora.adapters.base import AdapterConfig, AdapterConfigError, AdapterLayer, LoRAFactors, PeftState
 
 
-@dataclass(frozen=True)
-class LoRAConfig:
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig(AdapterConfig):
     """Low-rank adapter settings.
 
     Attributes:
-        r: rank, 1 <= r <= min(in, out).
+        r: rank (a rank above a layer's ``min(in, out)`` is allowed, as in PEFT; it adds
+            parameters without adding expressiveness).
         alpha: scale numerator; the update is multiplied by ``alpha / r``.
         dropout: dropout probability on the adapter's input.
         rslora: scale by ``alpha / sqrt(r)`` instead (rank-stabilized LoRA).
@@ -36,28 +39,22 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False
-    method = "lora"
-
-    def __post_init__(self) -> None:
-        check_positive_int(self.method, "r", self.r, " (typical: 4..64)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise AdapterConfigError(f"{self.method}: dropout={self.dropout!r} must be in [0, 1).")
+    method: ClassVar[str] = "lora"
 
     @property
     def scaling(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
 
-    def build(self, base: nn.Module) -> LoRALayer:
-        return LoRALayer(base, self)
+    def lora_factors_from_state(self, name: str, tensors: Mapping[str, torch.Tensor]) -> LoRAFactors:
+        lora_A, lora_B = _required(tensors, name, "lora_A"), _required(tensors, name, "lora_B")
+        return LoRAFactors(lora_A.float(), lora_B.float(), self.scaling)
 
 
-def check_rank(r: int, in_features: int, out_features: int, method: str) -> None:
-    """Raise :class:`AdapterConfigError` unless ``r <= min(in, out)``."""
-    if r > min(in_features, out_features):
-        raise AdapterConfigError(
-            f"{method}: r={r} exceeds min(in_features={in_features}, out_features={out_features}); "
-            "a rank above that adds parameters without adding expressiveness. Lower r."
-        )
+def _required(tensors: Mapping[str, torch.Tensor], name: str, key: str) -> torch.Tensor:
+    try:
+        return tensors[f"{name}.{key}"]
+    except KeyError:
+        raise AdapterConfigError(f"adapter tensor {name}.{key} is missing; the adapter file is incomplete.") from None
 
 
 class LoRALayer(AdapterLayer):
@@ -65,7 +62,6 @@ class LoRALayer(AdapterLayer):
 
     def __init__(self, base: nn.Module, config: LoRAConfig) -> None:
         super().__init__(base, config)
-        check_rank(config.r, self.in_features, self.out_features, config.method)
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r, device=device))
@@ -82,3 +78,25 @@ class LoRALayer(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(A, B)`` pair this layer computes with (LoRA-drop's dropped layers use a shared pair)."""
+        return self.lora_A, self.lora_B
+
+    def lora_factors(self) -> LoRAFactors:
+        lora_A, lora_B = self.factors()
+        return LoRAFactors(lora_A.detach().float(), lora_B.detach().float(), self.scaling)
+
+    def peft_config(self) -> dict[str, Any]:
+        """PEFT ``LoraConfig`` fields of this layer's settings."""
+        config = self.config
+        return {"peft_type": "LORA", "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+                "use_rslora": config.rslora, "use_dora": False}  # fmt: skip
+
+    def peft_state(self, name: str) -> PeftState:
+        lora_A, lora_B = self.factors()
+        tensors = {"lora_A.weight": lora_A.detach().contiguous(), "lora_B.weight": lora_B.detach().contiguous()}
+        return PeftState(self.peft_config(), tensors)
+
+
+LoRAConfig.layer_class = LoRALayer

@@ -13,37 +13,50 @@ This module holds the per-layer state; the ``LoRADrop`` callback drives the two 
 * :func:`restore_lora_drop_structure` -- rebuild that sharing from a state dict, so a
   checkpoint or adapter file taken after the selection loads into a freshly injected model
   (each layer's ``uses_shared`` buffer records whether it was dropped). Injection registers
-  it as a ``load_state_dict`` pre-hook on the model.
+  it as a ``load_state_dict`` pre-hook on the model (the layer's ``on_inject`` hook).
+
+Exports (PEFT, serving) use the adapter each layer really computes with: the shared pair for
+a dropped layer, its own for a kept one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from lightning_qlora.adapters.base import AdapterConfigError
 from lightning_qlora.adapters.inject import adapter_layers
+from lightning_qlora.adapters.base import LoRAFactors
 from lightning_qlora.adapters.lora import LoRAConfig, LoRALayer
 
 SHARED_ATTRIBUTE = "lora_drop_shared"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoRADropConfig(LoRAConfig):
     """LoRA settings for layers that LoRA-drop may later share."""
 
-    method = "lora_drop"
+    method: ClassVar[str] = "lora_drop"
 
-    def build(self, base: nn.Module) -> LoRADropLayer:
-        return LoRADropLayer(base, self)
+    def lora_factors_from_state(self, name: str, tensors: Mapping[str, torch.Tensor]) -> LoRAFactors:
+        flag = tensors.get(f"{name}.uses_shared")
+        if flag is None or not bool(flag):
+            return super().lora_factors_from_state(name, tensors)
+        own = tensors[f"{name}.lora_A"]  # a dropped layer computes with its shape's shared pair
+        shape = f"{own.shape[1]}x{tensors[f'{name}.lora_B'].shape[0]}"
+        return super().lora_factors_from_state(f"{SHARED_ATTRIBUTE}.{shape}", tensors)
 
 
 class SharedLoRA(nn.Module):
     """One ``(A, B)`` pair used by every dropped layer of one shape; starts from ``A``/``B`` given."""
+
+    #: held on the model for its adapters: merged/float exports skip it
+    is_adapter_state = True
 
     def __init__(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         super().__init__()
@@ -80,10 +93,14 @@ class LoRADropLayer(LoRALayer):
         own = super().trainable_parameters()
         return own if self._shared is None else own + [p for p in self._shared.parameters() if p.requires_grad]
 
-    def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         source = self._shared if self._shared is not None else self
+        return source.lora_A, source.lora_B
+
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        lora_A, lora_B = self.factors()
         x = self.dropout(x)
-        out = torch.nn.functional.linear(torch.nn.functional.linear(x, source.lora_A.to(x.dtype)), source.lora_B.to(x.dtype))
+        out = torch.nn.functional.linear(torch.nn.functional.linear(x, lora_A.to(x.dtype)), lora_B.to(x.dtype))
         out = out * self.scaling
         if self.tracking and self.training:
             with torch.no_grad():
@@ -93,8 +110,20 @@ class LoRADropLayer(LoRALayer):
         return out
 
     def delta_weight(self) -> torch.Tensor:
-        source = self._shared if self._shared is not None else self
-        return (source.lora_B.float() @ source.lora_A.float()) * self.scaling
+        lora_A, lora_B = self.factors()
+        return (lora_B.float() @ lora_A.float()) * self.scaling
+
+    def on_inject(self, model: nn.Module) -> None:
+        register_restore_hook(model)
+
+    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        shared = getattr(model, SHARED_ATTRIBUTE, None)
+        if shared is None:
+            return {}
+        return {f"{SHARED_ATTRIBUTE}.{k}": v.detach() for k, v in shared.state_dict().items()}
+
+    def prepare_load(self, model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        restore_lora_drop_structure(model, tensors)
 
     def use_shared(self, shared: SharedLoRA) -> None:
         """Delegate to ``shared``; this layer's own A/B stop training."""
@@ -107,6 +136,15 @@ class LoRADropLayer(LoRALayer):
         self.uses_shared.fill_(True)
         self.lora_A.requires_grad_(False)
         self.lora_B.requires_grad_(False)
+
+
+LoRADropConfig.layer_class = LoRADropLayer
+
+
+class _SharedAdapters(nn.ModuleDict):
+    """``model.lora_drop_shared``: the shared adapters by shape; adapter state, not part of the base model."""
+
+    is_adapter_state = True
 
 
 def _shape_key(layer: LoRADropLayer) -> str:
@@ -131,7 +169,7 @@ def apply_lora_drop(model: nn.Module, keep: Iterable[str]) -> dict[str, list[str
     for name, layer in layers.items():
         if name not in keep:
             groups.setdefault(_shape_key(layer), []).append(layer)
-    shared = nn.ModuleDict({
+    shared = _SharedAdapters({
         shape: SharedLoRA(torch.stack([l.lora_A.detach() for l in group]).mean(0),
                           torch.stack([l.lora_B.detach() for l in group]).mean(0))
         for shape, group in groups.items()
@@ -158,9 +196,15 @@ def restore_lora_drop_structure(model: nn.Module, state_dict: dict[str, torch.Te
     saved = {k[len(shared_prefix):]: v for k, v in state_dict.items() if k.startswith(shared_prefix)}
     if not saved or hasattr(model, SHARED_ATTRIBUTE):
         return False
-    shapes = sorted({key.split(".")[0] for key in saved})
+    # the order apply_lora_drop registered them in (the first dropped layer of each shape, in model order),
+    # so parameters -- and with them optimizer state -- come in the same order as in the saved run
+    dropped = [layer for name, layer in adapter_layers(model).items() if isinstance(layer, LoRADropLayer)
+               and bool(state_dict.get(f"{prefix}{name}.uses_shared", False))]  # fmt: skip
+    saved_shapes = {key.split(".")[0] for key in saved}
+    shapes = list(dict.fromkeys(_shape_key(layer) for layer in dropped if _shape_key(layer) in saved_shapes))
+    shapes += sorted(saved_shapes - set(shapes))
     try:
-        shared = nn.ModuleDict({
+        shared = _SharedAdapters({
             shape: SharedLoRA(torch.zeros_like(saved[f"{shape}.lora_A"]), torch.zeros_like(saved[f"{shape}.lora_B"]))
             for shape in shapes
         })  # fmt: skip

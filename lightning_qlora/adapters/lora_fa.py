@@ -8,20 +8,18 @@ backward pass are the ``r``-dimensional ``A x`` instead of ``x``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
 from lightning_qlora.adapters.lora import LoRAConfig, LoRALayer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoRAFAConfig(LoRAConfig):
     """LoRA settings; A is frozen."""
 
-    method = "lora_fa"
-
-    def build(self, base: nn.Module) -> LoRAFALayer:
-        return LoRAFALayer(base, self)
+    method: ClassVar[str] = "lora_fa"
 
 
 class LoRAFALayer(LoRALayer):
@@ -30,3 +28,6 @@ class LoRAFALayer(LoRALayer):
     def __init__(self, base: nn.Module, config: LoRAFAConfig) -> None:
         super().__init__(base, config)
         self.lora_A.requires_grad_(False)
+
+
+LoRAFAConfig.layer_class = LoRAFALayer

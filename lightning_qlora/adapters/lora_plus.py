@@ -12,28 +12,23 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-from torch import nn
+from typing import Any, ClassVar
 
 from lightning_qlora.adapters.base import AdapterConfigError
 from lightning_qlora.adapters.lora import LoRAConfig, LoRALayer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoRAPlusConfig(LoRAConfig):
     """LoRA settings plus ``lr_ratio``: B's learning rate over A's."""
 
     lr_ratio: float = 16.0
-    method = "lora_plus"
+    method: ClassVar[str] = "lora_plus"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.lr_ratio > 0:
             raise AdapterConfigError(f"lora_plus: lr_ratio={self.lr_ratio!r} must be > 0 (the paper uses 2..32).")
-
-    def build(self, base: nn.Module) -> LoRAPlusLayer:
-        return LoRAPlusLayer(base, self)
 
 
 class LoRAPlusLayer(LoRALayer):
@@ -41,3 +36,6 @@ class LoRAPlusLayer(LoRALayer):
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         return [{"params": [self.lora_A], "lr": lr}, {"params": [self.lora_B], "lr": lr * self.config.lr_ratio}]
+
+
+LoRAPlusConfig.layer_class = LoRAPlusLayer

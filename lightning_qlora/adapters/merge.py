@@ -12,11 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lightning_qlora.adapters.base import AdapterLayer, base_weight
-from lightning_qlora.adapters.lora_drop import SHARED_ATTRIBUTE
+from lightning_qlora.atomic import atomic_save_safetensors
 from lightning_qlora.quantization.linear import Linear4bit
 
 
@@ -40,7 +39,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> d
                 continue
             out[prefix + name] = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()
         for name, child in module.named_children():
-            if name != SHARED_ATTRIBUTE:
+            if not getattr(child, "is_adapter_state", False):  # adapter tensors held on the model (LoRA-drop's shared pairs)
                 visit(child, f"{prefix}{name}.")
 
     visit(model, "")
@@ -49,8 +48,5 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> d
 
 def export_merged(model: nn.Module, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write :func:`merged_state_dict` to a safetensors file (tied weights saved once each)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous().clone() for k, v in merged_state_dict(model, dtype).items()}
-    save_file(tensors, path)
-    return path
+    return atomic_save_safetensors(tensors, Path(path))

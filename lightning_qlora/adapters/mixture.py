@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from lightning_qlora.adapters.base import AdapterConfigError, AdapterLayer, MergeReport, check_positive_int
-from lightning_qlora.adapters.lora import check_rank
+from lightning_qlora.adapters.base import AdapterConfig, AdapterConfigError, AdapterLayer, MergeReport, check_positive_int
 
 
-@dataclass(frozen=True)
-class MixtureLoRAConfig:
+@dataclass(frozen=True, kw_only=True)
+class MixtureLoRAConfig(AdapterConfig):
     """Mixture-of-LoRA-experts settings.
 
     Attributes:
@@ -42,16 +42,16 @@ class MixtureLoRAConfig:
     top_k: int = 2
     dropout: float = 0.0
     load_balance_weight: float = 0.01
-    method = "moe_lora"
+    method: ClassVar[str] = "moe_lora"
 
     def __post_init__(self) -> None:
-        for name in ("r", "num_experts", "top_k"):
+        super().__post_init__()
+        for name in ("num_experts", "top_k"):
             check_positive_int(self.method, name, getattr(self, name))
         if self.top_k > self.num_experts:
             raise AdapterConfigError(f"moe_lora: top_k={self.top_k} exceeds num_experts={self.num_experts}.")
-
-    def build(self, base: nn.Module) -> MixtureLoRALayer:
-        return MixtureLoRALayer(base, self)
+        if not self.load_balance_weight >= 0:
+            raise AdapterConfigError(f"moe_lora: load_balance_weight={self.load_balance_weight!r} must be >= 0.")
 
 
 class MixtureLoRALayer(AdapterLayer):
@@ -59,7 +59,6 @@ class MixtureLoRALayer(AdapterLayer):
 
     def __init__(self, base: nn.Module, config: MixtureLoRAConfig) -> None:
         super().__init__(base, config)
-        check_rank(config.r, self.in_features, self.out_features, config.method)
         device, e, r = base.weight.device, config.num_experts, config.r
         self.lora_A = nn.Parameter(torch.empty(e, r, self.in_features, device=device))
         nn.init.uniform_(self.lora_A, -1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
@@ -95,3 +94,6 @@ class MixtureLoRALayer(AdapterLayer):
 
     def merge(self) -> MergeReport:
         raise AdapterConfigError("a mixture of LoRA experts cannot be merged: its gate depends on the input.")
+
+
+MixtureLoRAConfig.layer_class = MixtureLoRALayer

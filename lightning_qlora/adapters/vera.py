@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from lightning_qlora.adapters.base import AdapterConfigError, AdapterLayer, check_positive_int
+from lightning_qlora.adapters.base import AdapterConfig, AdapterConfigError, AdapterLayer, LoRAFactors, PeftState
 
 
-@dataclass(frozen=True)
-class VeRAConfig:
-    """VeRA settings.
+@dataclass(frozen=True, kw_only=True)
+class VeRAConfig(AdapterConfig):
+    """VeRA settings (no ``alpha``: the trained vectors carry the scale, as in the paper and PEFT).
 
     Attributes:
         r: rank of the shared random projections (VeRA uses large ranks, e.g. 256).
@@ -35,13 +36,7 @@ class VeRAConfig:
     d_initial: float = 0.1
     seed: int = 0
     dropout: float = 0.0
-    method = "vera"
-
-    def __post_init__(self) -> None:
-        check_positive_int(self.method, "r", self.r, " (VeRA typically uses 256)")
-
-    def build(self, base: nn.Module) -> VeRALayer:
-        return VeRALayer(base, self)
+    method: ClassVar[str] = "vera"
 
 
 _STREAMS: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -84,6 +79,7 @@ class VeRALayer(AdapterLayer):
         a, b = shared_projections(config.seed, config.r, self.in_features, self.out_features, device)
         self.register_buffer("vera_A", a, persistent=False)
         self.register_buffer("vera_B", b, persistent=False)
+        self.projection_scale = 1 / math.sqrt(self.in_features)  # ours: A = A_g[:, :in] / sqrt(in)
         self.lambda_d = nn.Parameter(torch.full((config.r,), float(config.d_initial), device=device))
         self.lambda_b = nn.Parameter(torch.zeros(self.out_features, device=device))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -99,6 +95,7 @@ class VeRALayer(AdapterLayer):
         self.vera_A = vera_A.detach().clone().to(self.vera_A.device)
         self.vera_B = vera_B.detach().clone().to(self.vera_B.device)
         self._non_persistent_buffers_set.difference_update({"vera_A", "vera_B"})
+        self.projection_scale = 1.0  # given projections are used as they are
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         projected = torch.nn.functional.linear(self.dropout(x), self.vera_A.to(x.dtype)) * self.lambda_d.to(x.dtype)
@@ -108,3 +105,31 @@ class VeRALayer(AdapterLayer):
         return (self.lambda_b.float().unsqueeze(1) * self.vera_B.float()) @ (
             self.lambda_d.float().unsqueeze(1) * self.vera_A.float()
         )
+
+    def lora_factors(self) -> LoRAFactors:
+        # Lambda_b B Lambda_d A = (Lambda_b B)(Lambda_d A): a rank-r product with scale 1
+        lora_A = self.lambda_d.detach().float().unsqueeze(1) * self.vera_A.float()
+        lora_B = self.lambda_b.detach().float().unsqueeze(1) * self.vera_B.float()
+        return LoRAFactors(lora_A, lora_B, 1.0)
+
+    def prepare_load(self, model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        # adapters saved with explicit projections (PEFT's, or ours after importing PEFT's) bring their own
+        if f"{name}.vera_A" in tensors and f"{name}.vera_B" in tensors:
+            self.use_projections(tensors[f"{name}.vera_A"], tensors[f"{name}.vera_B"])
+
+    def peft_state(self, name: str) -> PeftState:
+        config = self.config
+        # PEFT keeps one unscaled global A and slices it per layer; a seeded A is that slice times
+        # 1/sqrt(in), so the scale moves into lambda_d and the unscaled slice is regenerated exactly
+        if self.projection_scale != 1.0:
+            vera_a = _uniform_prefix(2 * config.seed, self.in_features, config.r).T.contiguous()
+        else:
+            vera_a = self.vera_A.detach().float()
+        tensors = {"vera_lambda_b": self.lambda_b.detach().contiguous(),
+                   "vera_lambda_d": (self.lambda_d.detach() * self.projection_scale).contiguous()}  # fmt: skip
+        peft_config = {"peft_type": "VERA", "r": config.r, "projection_prng_key": config.seed, "save_projection": True,
+                       "vera_dropout": config.dropout, "d_initial": config.d_initial}  # fmt: skip
+        return PeftState(peft_config, tensors, {"vera_A": vera_a, "vera_B": self.vera_B.detach().float()})
+
+
+VeRAConfig.layer_class = VeRALayer

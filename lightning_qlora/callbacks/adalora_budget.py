@@ -8,8 +8,9 @@ until a target budget is reached. The budget (total kept triplets over all layer
     b(t) = b_T + (b0 - b_T) (1 - (t - t_i) / (T - t_i - t_f))^3  t_i <= t < T - t_f
     b(t) = b_T                                                  t >= T - t_f
 
-(rounded down), where ``t`` counts optimizer steps done. Every ``mask_interval`` steps of the
-middle phase, and once when the final phase starts, the ``b(t)`` triplets with the highest
+(rounded down), where ``t`` counts optimizer steps done. At every step of the middle phase
+with ``t % mask_interval == 0`` (the grid of AdaLoRA's reference code and PEFT), and once when
+the final phase starts, the ``b(t)`` triplets with the highest
 score ``S_i = s(lambda_i) + mean_j s(P_ji) + mean_j s(Q_ij)`` are kept and the rest masked
 (``s = I_bar * U_bar`` with ``I = |w * grad|``; see
 :class:`~lightning_qlora.adapters.AdaLoRALayer`). The final mask stays fixed.
@@ -17,8 +18,8 @@ score ``S_i = s(lambda_i) + mean_j s(P_ji) + mean_j s(Q_ij)`` are kept and the r
 Because the callback runs on every optimizer step by itself, AdaLoRA cannot silently turn
 into plain LoRA (the PEFT pitfall of forgetting ``update_and_allocate``). Importance is read
 in ``on_before_optimizer_step``, so under gradient accumulation it comes from the final,
-accumulated gradients; the orthogonality loss is added by the module from the layers'
-``extra_loss()``.
+accumulated gradients; the orthogonality loss (the layers' ``extra_loss()``) is added to the
+loss by the precision plugin, for any LightningModule.
 
 Example:
     >>> trainer = L.Trainer(plugins=[NF4Precision(adapter=AdaLoRAConfig(r=12))],
@@ -185,7 +186,8 @@ class AdaLoRABudget(L.Callback):
         if step < self.init_warmup or self.final_applied:
             return
         final = step >= self.total_steps - self.final_warmup
-        if not final and (step - self.init_warmup) % self.mask_interval != 0:
+        # the reference grid (AdaLoRA's code and PEFT): mask when t % delta_T == 0, not counted from t_i
+        if not final and step % self.mask_interval != 0:
             return
         budget = self.budget(step)
         ranks = keep_top_triplets(self._layers, budget)

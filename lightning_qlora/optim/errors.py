@@ -8,8 +8,10 @@ set up -- never in the middle of an optimizer step, where state could be half wr
 
 from __future__ import annotations
 
+from lightning_qlora.errors import ConfigError, ResourceError
 
-class PagedOptimizerError(ValueError):
+
+class PagedOptimizerError(ConfigError):
     """Base class for bad input to a paged optimizer or to the conversion into one."""
 
 
@@ -21,7 +23,7 @@ class PageBudgetError(PagedOptimizerError):
     """A resident-memory budget cannot hold the pages one update needs (current + prefetched)."""
 
 
-class PageStoreError(RuntimeError):
+class PageStoreError(ResourceError):
     """The memory or disk behind a page store could not be set up."""
 
 

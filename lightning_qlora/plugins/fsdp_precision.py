@@ -10,7 +10,7 @@ of FSDP's flat parameters.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -19,7 +19,9 @@ from lightning.pytorch.plugins.precision import FSDPPrecision
 from torch import nn
 from typing_extensions import override
 
+from lightning_qlora.adapters import AdapterConfig
 from lightning_qlora.plugins.nf4_precision import FabricNF4Precision
+from lightning_qlora.qlora import default_adapter
 
 _FSDP_PRECISION = {torch.float32: "32-true", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}
 
@@ -32,7 +34,7 @@ class FSDPNF4Precision(FSDPPrecision):
         mode: str = "nf4-dq",
         blocksize: int = 64,
         compute_dtype: str | torch.dtype = "auto",
-        adapter: Any = None,
+        adapter: AdapterConfig | None = default_adapter(),  # noqa: B008  (a frozen, immutable dataclass)
         target_modules: str | Sequence[str] = "all-linear",
         skip_modules: Sequence[str] = ("lm_head",),
     ) -> None:
@@ -60,3 +62,16 @@ class FSDPNF4Precision(FSDPPrecision):
     @override
     def convert_input(self, data: Any) -> Any:
         return self.qlora.convert_input(data)
+
+    @override
+    def pre_backward(self, tensor: torch.Tensor, module: Any) -> torch.Tensor:
+        trainer = getattr(module, "_trainer", None)
+        automatic = getattr(module, "automatic_optimization", True)
+        scale = 1.0 / trainer.accumulate_grad_batches if trainer is not None and automatic else 1.0
+        return super().pre_backward(self.qlora._with_extra_loss(tensor, scale), module)
+
+    @override
+    def optimizer_step(self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
+        output = super().optimizer_step(optimizer, model, closure, **kwargs)
+        self.qlora._after_step()
+        return output

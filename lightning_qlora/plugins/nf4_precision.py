@@ -1,13 +1,22 @@
-"""``NF4Precision``: the Lightning precision plugin for QLoRA, on CPU and CUDA.
+"""``NF4Precision``: the Lightning precision plugin for QLoRA, on CPU and CUDA, for any LightningModule.
 
 ``Trainer(plugins=[NF4Precision(mode="nf4-dq", adapter=LoRAConfig(r=16))])`` quantizes the
 LightningModule's Linear layers to 4 bits (layer by layer), puts adapters on them and freezes
 everything else before the optimizers are built; inputs and the forward run in the compute
 dtype. Unlike Lightning's ``BitsandbytesPrecision`` it runs on CPUs. The work is done by
-:func:`lightning_qlora.qlora.apply_qlora`; the plugin only overrides Lightning hooks.
+:func:`lightning_qlora.qlora.apply_qlora`; the plugin only overrides Lightning hooks:
 
-To resume from a checkpoint, call :func:`convert_before_checkpoint_restore` in the module's
-``on_load_checkpoint`` (Lightning restores weights before it converts the model).
+* ``convert_module`` -- convert (validated first: on an error the module is unchanged); when the
+  Trainer resumes, check the checkpoint's QLoRA settings and load its converted state
+  (:mod:`lightning_qlora.plugins.checkpoint`), so a plain LightningModule resumes with no hook.
+* ``module_init_context`` -- a model built inside it (``configure_model``, ``fabric.init_module()``)
+  is converted as soon as it is built.
+* ``pre_backward`` (Trainer) / ``backward`` (Fabric) -- adds the adapters' summed ``extra_loss()``
+  (AdaLoRA's orthogonality, a mixture's load balancing) to the loss that is backpropagated.
+* ``optimizer_step`` -- runs the adapters' ``after_optimizer_step()`` (Delta-LoRA's base update).
+* ``on_save_checkpoint`` -- records the settings and writes the resumable layout.
+
+``adapter=None`` quantizes and freezes only (your own adapters, or inference).
 
 Your ``configure_optimizers`` should optimize the trainable parameters, e.g.
 ``torch.optim.AdamW(lightning_qlora.adapters.adapter_param_groups(self, lr))`` (this also
@@ -18,7 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -29,9 +39,22 @@ from lightning.pytorch.plugins.precision import Precision
 from torch import nn
 from typing_extensions import override
 
-from lightning_qlora.adapters import adapter_layers
-from lightning_qlora.qlora import QLoRAConfigError, QLoRASpec, apply_qlora, resolve_compute_dtype
+from lightning_qlora.adapters import AdapterConfig, adapter_extra_loss, after_optimizer_step
+from lightning_qlora.plugins.checkpoint import (
+    CheckpointMismatchError,
+    check_spec,
+    layers_replaced_by_stash,
+    load_stash_state,
+    loaded_checkpoint,
+    read_stash,
+    save_stash,
+    spec_record,
+)
+from lightning_qlora.qlora import QLoRAReport, QLoRASpec, apply_qlora, default_adapter, resolve_compute_dtype
 from lightning_qlora.quantization.tensor import Quantized4bitTensor
+
+#: set on a module the plugin converted: ``(spec record, converted at construction?)``
+_CONVERTED = "_lightning_qlora_converted"
 
 
 class _DefaultDtype(AbstractContextManager):
@@ -55,7 +78,7 @@ class FabricNF4Precision(FabricPrecision):
         mode: ``"nf4"``, ``"nf4-dq"`` (default), ``"fp4"``, ``"fp4-dq"`` or ``"none"``.
         blocksize: quantization block size (32..4096, default 64).
         compute_dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPUs without fast bf16), ``"fp32"``, ``"bf16"``, ``"fp16"``.
-        adapter: adapter config (default ``LoRAConfig(r=16, alpha=32)``).
+        adapter: adapter config (default ``LoRAConfig(r=16, alpha=32)``); ``None`` quantizes and freezes only.
         target_modules: Linear layers to adapt (default ``"all-linear"``).
         skip_modules: layers left in float and without adapters (default ``("lm_head",)``).
     """
@@ -65,27 +88,65 @@ class FabricNF4Precision(FabricPrecision):
         mode: str = "nf4-dq",
         blocksize: int = 64,
         compute_dtype: str | torch.dtype = "auto",
-        adapter: Any = None,
+        adapter: AdapterConfig | None = default_adapter(),  # noqa: B008  (a frozen, immutable dataclass)
         target_modules: str | Sequence[str] = "all-linear",
         skip_modules: Sequence[str] = ("lm_head",),
     ) -> None:
         super().__init__()
-        extra = {"adapter": adapter} if adapter is not None else {}
-        self.spec = QLoRASpec(mode=mode, blocksize=blocksize, target_modules=target_modules,
-                              skip_modules=tuple(skip_modules), **extra)  # fmt: skip
+        self.spec = QLoRASpec(mode=mode, blocksize=blocksize, adapter=adapter, target_modules=target_modules,
+                              skip_modules=tuple(skip_modules))  # fmt: skip
         self.compute_dtype = resolve_compute_dtype(compute_dtype)
+        self._modules: list[weakref.ref[nn.Module]] = []
+
+    # -- conversion ------------------------------------------------------------------------
+
+    def _convert(self, module: nn.Module, at_construction: bool, checkpoint: dict[str, Any] | None = None) -> None:
+        stash = read_stash(checkpoint)
+        if stash is not None and stash.get("spec"):
+            check_spec(stash["spec"], self.spec)  # before anything is touched
+        replaced = layers_replaced_by_stash(stash) if stash is not None else set()
+        _broadcast_from_rank_zero(module)
+        with torch.no_grad():  # placeholders of a resumed float layout: their values come from the stash
+            for name in replaced:
+                weight = getattr(_submodule(module, name), "weight", None)
+                if isinstance(weight, torch.Tensor) and not isinstance(weight, Quantized4bitTensor):
+                    weight.zero_()
+        report = apply_qlora(module, self.spec)
+        if stash is not None:
+            check_spec(stash["spec"], self.spec, report.adapted)
+            load_stash_state(module, stash)
+        _hide_frozen_4bit_weights_from_ddp(module)
+        setattr(module, _CONVERTED, (spec_record(self.spec, report), at_construction))
+        self._remember(module)
+
+    def _remember(self, module: nn.Module) -> None:
+        if all(ref() is not module for ref in self._modules):
+            self._modules.append(weakref.ref(module))
+
+    def _converted_modules(self) -> Iterator[nn.Module]:
+        for ref in self._modules:
+            module = ref()
+            if module is not None:
+                yield module
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
-        if not adapter_layers(module):  # converted already (see convert_before_checkpoint_restore)
-            _broadcast_from_rank_zero(module)
-            apply_qlora(module, self.spec)
-            _hide_frozen_4bit_weights_from_ddp(module)
+        if getattr(module, _CONVERTED, None) is None:
+            self._convert(module, at_construction=False, checkpoint=loaded_checkpoint(module))
+        else:
+            self._remember(module)
+            stash = read_stash(loaded_checkpoint(module))
+            if stash is not None:  # converted at construction: Lightning restored the converted layout already
+                check_spec(stash["spec"], self.spec, getattr(module, _CONVERTED)[0]["adapted"])
+                if stash["layout"] == "adapters":
+                    load_stash_state(module, stash)
         return module
 
     @override
     def module_init_context(self) -> AbstractContextManager:
-        return _DefaultDtype(self.compute_dtype) if self.compute_dtype != torch.float32 else contextlib.nullcontext()
+        return _ConvertAtExit(self)
+
+    # -- forward and the per-step work -------------------------------------------------------
 
     @override
     def forward_context(self) -> AbstractContextManager:
@@ -98,6 +159,72 @@ class FabricNF4Precision(FabricPrecision):
     def convert_input(self, data: Any) -> Any:
         return apply_to_collection(data, torch.Tensor, _cast_floating, self.compute_dtype)
 
+    def _with_extra_loss(self, tensor: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        extras = [extra for module in self._converted_modules() if (extra := adapter_extra_loss(module)) is not None]
+        if not extras:
+            return tensor
+        return tensor + scale * torch.stack(extras).sum().to(tensor.dtype)
+
+    def _after_step(self) -> None:
+        for module in self._converted_modules():
+            after_optimizer_step(module)
+
+    @override
+    def backward(self, tensor: torch.Tensor, model: Any, *args: Any, **kwargs: Any) -> None:
+        # Fabric ignores what pre_backward returns, so the extra loss joins here (the Trainer's is pre_backward)
+        super().backward(self._with_extra_loss(tensor), model, *args, **kwargs)
+
+    @override
+    def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
+        output = super().optimizer_step(optimizer, **kwargs)
+        self._after_step()
+        return output
+
+
+class _ConvertAtExit(AbstractContextManager):
+    """``module_init_context``: the compute dtype as default, and every model built inside is converted on exit.
+
+    Modules registered as children while the context is open are tracked (torch's global
+    module-registration hook, removed on exit); the topmost ones that hold Linear layers --
+    the LightningModule for ``configure_model``, the model for ``fabric.init_module()`` -- are
+    converted when the context closes, so Lightning restores checkpoints into the converted model.
+    """
+
+    def __init__(self, plugin: FabricNF4Precision) -> None:
+        self._plugin = plugin
+        self._dtype = _DefaultDtype(plugin.compute_dtype) if plugin.compute_dtype != torch.float32 else None
+        self._parents: dict[int, nn.Module] = {}
+        self._children: set[int] = set()
+        self._handle: Any = None
+
+    def _registered(self, parent: nn.Module, name: str, child: nn.Module | None) -> None:
+        if child is not None:
+            self._parents.setdefault(id(parent), parent)
+            self._children.add(id(child))
+
+    def __enter__(self) -> None:
+        if self._dtype is not None:
+            self._dtype.__enter__()
+        self._handle = nn.modules.module.register_module_module_registration_hook(self._registered)
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self._handle.remove()
+        if self._dtype is not None:
+            self._dtype.__exit__(exc_type, *exc)
+        if exc_type is not None:
+            return
+        roots = [module for key, module in self._parents.items() if key not in self._children]
+        for root in roots:
+            if getattr(root, _CONVERTED, None) is None and any(isinstance(m, nn.Linear) for m in root.modules()):
+                self._plugin._convert(root, at_construction=True)
+
+
+def _submodule(module: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
+
 
 def _broadcast_from_rank_zero(module: nn.Module) -> None:
     """Under torch.distributed, give every rank rank 0's float weights before quantizing.
@@ -109,7 +236,8 @@ def _broadcast_from_rank_zero(module: nn.Module) -> None:
         return
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
-            torch.distributed.broadcast(tensor.data, src=0)
+            if not isinstance(tensor, Quantized4bitTensor):
+                torch.distributed.broadcast(tensor.data, src=0)
 
 
 def _hide_frozen_4bit_weights_from_ddp(module: nn.Module) -> None:
@@ -127,8 +255,35 @@ def _cast_floating(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class NF4Precision(Precision, FabricNF4Precision):
     """QLoRA precision for ``lightning.Trainer`` (see :class:`FabricNF4Precision` for the arguments)."""
 
+    @override
+    def pre_backward(self, tensor: torch.Tensor, module: Any) -> torch.Tensor:
+        trainer = getattr(module, "_trainer", None)
+        automatic = getattr(module, "automatic_optimization", True)
+        # Lightning divides each micro-batch's loss by the accumulation count: so is the extra term
+        scale = 1.0 / trainer.accumulate_grad_batches if trainer is not None and automatic else 1.0
+        return super().pre_backward(self._with_extra_loss(tensor, scale), module)
 
-class CheckpointModeError(QLoRAConfigError):
+    @override
+    def optimizer_step(self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
+        output = Precision.optimizer_step(self, optimizer, model, closure, **kwargs)
+        self._after_step()
+        return output
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for module in self._converted_modules():
+            record, at_construction = getattr(module, _CONVERTED)
+            if isinstance(checkpoint.get("state_dict"), dict) and _state_dict_of(module, checkpoint["state_dict"]):
+                save_stash(checkpoint, module, record, float_built=not at_construction)
+                return
+
+
+def _state_dict_of(module: nn.Module, state_dict: dict[str, Any]) -> bool:
+    """Whether ``state_dict`` is ``module``'s (the LightningModule's keys, not a submodule's)."""
+    return any(name in state_dict for name, _ in module.named_parameters())
+
+
+class CheckpointModeError(CheckpointMismatchError):
     """A checkpoint's base weights were quantized another way than this run quantizes them."""
 
 
@@ -142,6 +297,7 @@ def _layer_mode(quant_type: str, double_quant: bool, blocksize: int) -> str:
 def check_checkpoint_mode(module: nn.Module, state_dict: dict[str, Any], mode: str) -> None:
     """Raise :class:`CheckpointModeError` if ``state_dict``'s 4-bit weights do not match ``module``'s.
 
+    For checkpoints in the converted layout (written before the plugin recorded its settings).
     ``module`` is already converted; adapters-only checkpoints (no base weights) always pass.
     The message names the first mismatching layer, both modes, and the ``mode=`` to load with.
     """
@@ -177,18 +333,15 @@ def check_checkpoint_mode(module: nn.Module, state_dict: dict[str, Any], mode: s
 
 
 def convert_before_checkpoint_restore(pl_module: Any, checkpoint: dict[str, Any] | None = None) -> None:
-    """Convert ``pl_module`` now if its Trainer uses :class:`NF4Precision` (idempotent), and check ``checkpoint``.
+    """For checkpoints written before the plugin recorded its settings: convert ``pl_module`` first.
 
-    Lightning restores a checkpoint's model weights *before* the strategy calls
-    ``convert_module``, so a checkpoint holding 4-bit weights and adapters would meet a float
-    model. Call this first thing in ``LightningModule.on_load_checkpoint``::
-
-        def on_load_checkpoint(self, checkpoint):
-            convert_before_checkpoint_restore(self, checkpoint)
-
-    With ``checkpoint`` given, a checkpoint quantized in another mode raises
-    :class:`CheckpointModeError` before any weight is loaded.
+    Checkpoints the plugin writes now need nothing (the plugin resumes them by itself); for
+    those this does nothing. Older ones hold the converted layout, which a float module cannot
+    take; calling this in ``LightningModule.on_load_checkpoint`` converts the module first and
+    checks the quantization mode (:class:`CheckpointModeError`).
     """
+    if read_stash(checkpoint) is not None:
+        return
     trainer = getattr(pl_module, "_trainer", None)
     plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
     qlora = getattr(plugin, "qlora", plugin)  # FSDPNF4Precision wraps the plugin
@@ -196,3 +349,14 @@ def convert_before_checkpoint_restore(pl_module: Any, checkpoint: dict[str, Any]
         qlora.convert_module(pl_module)
         if checkpoint is not None and isinstance(checkpoint.get("state_dict"), dict):
             check_checkpoint_mode(pl_module, checkpoint["state_dict"], qlora.spec.mode)
+
+
+__all__ = [
+    "CheckpointMismatchError",
+    "CheckpointModeError",
+    "FabricNF4Precision",
+    "NF4Precision",
+    "QLoRAReport",
+    "check_checkpoint_mode",
+    "convert_before_checkpoint_restore",
+]

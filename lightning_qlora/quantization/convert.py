@@ -23,8 +23,11 @@ def quantize_linears(
     blocksize: int = 64,
     double_quant: bool = True,
     skip: Iterable[str] = ("lm_head",),
+    check_values: bool = True,
 ) -> list[str]:
     """Quantize every ``nn.Linear`` of ``model`` in place, except names ending in ``skip``.
+
+    ``check_values=False`` skips the NaN/Inf scan (for callers that checked every weight first).
 
     Returns:
         The qualified names of the layers that were quantized.
@@ -39,7 +42,7 @@ def quantize_linears(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child)
-        setattr(parent, child, Linear4bit.from_linear(linear, quant_type, blocksize, double_quant))
+        setattr(parent, child, Linear4bit.from_linear(linear, quant_type, blocksize, double_quant, check_values))
         weight = linear.weight
         # referrers: the old layer's parameter dict, `weight` and getrefcount's argument
         if mappings and sys.getrefcount(weight) <= 3:

@@ -78,9 +78,11 @@ class Linear4bit(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True) -> Linear4bit:
-        """Quantize an ``nn.Linear`` (its bias stays float and trainable)."""
-        weight = quantize_4bit(linear.weight.detach(), quant_type, blocksize, double_quant=double_quant)
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                    check_values: bool = True) -> Linear4bit:  # fmt: skip
+        """Quantize an ``nn.Linear`` (its bias stays float and trainable); see :func:`quantize_4bit` for ``check_values``."""
+        weight = quantize_4bit(linear.weight.detach(), quant_type, blocksize, double_quant=double_quant,
+                               check_values=check_values)  # fmt: skip
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(weight, bias)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lightning_qlora.errors import BLOCK_SIZES_8BIT, check_block_size, check_output_dtype
+from lightning_qlora.errors import BLOCK_SIZES_8BIT, LightningQLoRAError, check_block_size, check_output_dtype
 from lightning_qlora.ops import op
 from lightning_qlora.ops.schemas import check_dequantize_4bit_args
 from lightning_qlora.quantization.codebooks import get_codebook
@@ -38,7 +38,7 @@ from lightning_qlora.quantization.functional import (
 aten = torch.ops.aten
 
 
-class UnsupportedOperationError(NotImplementedError):
+class UnsupportedOperationError(LightningQLoRAError, NotImplementedError):
     """An operation was applied to a quantized tensor that has no quantized meaning."""
 
 

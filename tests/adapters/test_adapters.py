@@ -149,9 +149,15 @@ def test_bad_configs(config_factory, match):
         config_factory()
 
 
-def test_rank_larger_than_layer(two_proj):
-    with pytest.raises(AdapterConfigError, match=r"r=65 exceeds min\(in_features=128, out_features=64\)"):
-        inject_adapters(two_proj, LoRAConfig(r=65), ["q_proj"])
+def test_rank_larger_than_layer_is_accepted_per_layer_like_peft(two_proj):
+    # issue 13 point 6: PEFT accepts r > min(in, out); so do we, with one warning naming the layer
+    with pytest.warns(UserWarning, match=r"r=65 exceeds min\(in, out\) of 2 layer\(s\) \(q_proj, v_proj\)"):
+        names = inject_adapters(two_proj, LoRAConfig(r=65), "all-linear")
+    assert names == ["q_proj", "v_proj"]
+    layer = adapter_layers(two_proj)["q_proj"]
+    assert layer.lora_A.shape == (65, 128) and layer.lora_B.shape == (64, 65)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(two_proj(x), two_proj(x))  # runs; B = 0 so still the base's output
 
 
 def test_unknown_targets_list_the_real_names(two_proj):

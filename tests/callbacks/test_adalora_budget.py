@@ -39,9 +39,11 @@ def test_schedule_hand_computed_points():
     assert budget_schedule(40, 100, 20, 10, 10, 50) == 20
 
 
-def _fit(max_steps: int = 30, ckpt_path: str | None = None, **trainer_kwargs) -> tuple[TinyLlamaQLoRA, AdaLoRABudget]:
+def _fit(max_steps: int = 30, ckpt_path: str | None = None, mask_interval: int = 3,
+         **trainer_kwargs) -> tuple[TinyLlamaQLoRA, AdaLoRABudget]:  # fmt: skip
     module = TinyLlamaQLoRA()
-    budget = AdaLoRABudget(target_rank=2, init_warmup=5, final_warmup=5, mask_interval=3, total_steps=30, plot=False)
+    budget = AdaLoRABudget(target_rank=2, init_warmup=5, final_warmup=5, mask_interval=mask_interval, total_steps=30,
+                           plot=False)  # fmt: skip
     L.seed_everything(0)
     plugin = NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=AdaLoRAConfig(r=6, alpha=12))
     callbacks = [budget, *trainer_kwargs.pop("callbacks", [])]
@@ -49,12 +51,18 @@ def _fit(max_steps: int = 30, ckpt_path: str | None = None, **trainer_kwargs) ->
     return module, budget
 
 
-def test_budget_is_met_after_every_masking_step_and_ranks_differ(tmp_path):
-    module, budget = _fit(default_root_dir=tmp_path)
+@pytest.mark.parametrize(("mask_interval", "expected_steps"), [(3, [6, 9, 12, 15, 18, 21, 24, 25]),
+                                                               (4, [8, 12, 16, 20, 24, 25])])  # fmt: skip
+def test_budget_is_met_after_every_masking_step_and_ranks_differ(tmp_path, mask_interval, expected_steps):
+    module, budget = _fit(default_root_dir=tmp_path, mask_interval=mask_interval)
     layers = {n: l for n, l in adapter_layers(module).items() if isinstance(l, AdaLoRALayer)}
     assert len(layers) == 14 and budget.initial_budget == 84 and budget.target_budget == 28
     steps = [step for step, _, _ in budget.history]
-    assert steps == [5, 8, 11, 14, 17, 20, 23, 25]  # every 3 steps from t_i, then once at T - t_f
+    # issue 13 point 10: the reference grid, t % delta_T == 0 in [t_i, T - t_f), then once at T - t_f
+    # (masking every delta_T steps counted from t_i gave [5, 9, 13, ...]: after step 8 with delta_T=4 the kept
+    # rank was b(5) = 84 instead of b(8) = 62)
+    assert steps == expected_steps
+    assert budget.history[0][2] == _closed_form(expected_steps[0], 84, 28, 5, 5, 30)
     for step, scheduled, kept in budget.history:
         assert scheduled == _closed_form(step, 84, 28, 5, 5, 30) == kept
     ranks = [layer.rank for layer in layers.values()]
