@@ -50,7 +50,8 @@ from lightning_qlora.plugins.checkpoint import (
     save_stash,
     spec_record,
 )
-from lightning_qlora.qlora import QLoRAReport, QLoRASpec, apply_qlora, default_adapter, resolve_compute_dtype
+from lightning_qlora.plugins.compute_dtype import choose_compute_dtype
+from lightning_qlora.qlora import QLoRAReport, QLoRASpec, apply_qlora, default_adapter
 from lightning_qlora.quantization.tensor import Quantized4bitTensor
 
 #: set on a module the plugin converted: ``(spec record, converted at construction?)``
@@ -77,7 +78,8 @@ class FabricNF4Precision(FabricPrecision):
     Args:
         mode: ``"nf4"``, ``"nf4-dq"`` (default), ``"fp4"``, ``"fp4-dq"`` or ``"none"``.
         blocksize: quantization block size (32..4096, default 64).
-        compute_dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPUs without fast bf16), ``"fp32"``, ``"bf16"``, ``"fp16"``.
+        compute_dtype: ``"auto"`` (bf16 on CUDA; on CPU whichever of fp32 and bf16 a quick measurement finds
+            faster, once per process: :mod:`lightning_qlora.plugins.compute_dtype`), ``"fp32"``, ``"bf16"``, ``"fp16"``.
         adapter: adapter config (default ``LoRAConfig(r=16, alpha=32)``); ``None`` quantizes and freezes only.
         target_modules: Linear layers to adapt (default ``"all-linear"``).
         skip_modules: layers left in float and without adapters (default ``("lm_head",)``).
@@ -95,7 +97,7 @@ class FabricNF4Precision(FabricPrecision):
         super().__init__()
         self.spec = QLoRASpec(mode=mode, blocksize=blocksize, adapter=adapter, target_modules=target_modules,
                               skip_modules=tuple(skip_modules))  # fmt: skip
-        self.compute_dtype = resolve_compute_dtype(compute_dtype)
+        self.compute_dtype = choose_compute_dtype(compute_dtype)
         self._modules: list[weakref.ref[nn.Module]] = []
 
     # -- conversion ------------------------------------------------------------------------

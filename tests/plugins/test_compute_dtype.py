@@ -1,0 +1,87 @@
+"""``compute_dtype="auto"`` picks what a measurement finds faster, not what the CPU flags suggest (issue 20)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_qlora.plugins import FabricNF4Precision, FSDPNF4Precision, NF4Precision
+from lightning_qlora.plugins import compute_dtype as compute_dtype_module
+from lightning_qlora.qlora import QLoRAConfigError
+
+
+@pytest.fixture(autouse=True)
+def _fresh_measurements():
+    compute_dtype_module.forget_measurements()
+    yield
+    compute_dtype_module.forget_measurements()
+
+
+def _fake_timings(monkeypatch, fp32: float, bf16: float) -> list[torch.dtype]:
+    """Make every measurement return these seconds; returns the list of dtypes measured."""
+    calls: list[torch.dtype] = []
+
+    def measure(dtype: torch.dtype, repeats: int = 5) -> float:
+        calls.append(dtype)
+        return {torch.float32: fp32, torch.bfloat16: bf16}[dtype]
+
+    monkeypatch.setattr(compute_dtype_module, "time_linear_step", measure)
+    return calls
+
+
+@pytest.mark.parametrize("plugin_class", [FabricNF4Precision, NF4Precision])
+def test_auto_picks_fp32_when_bf16_measures_slower_even_if_the_cpu_reports_bf16(monkeypatch, plugin_class):
+    # the machine this is built on: avx512_bf16 in /proc/cpuinfo, bf16 matmuls slower than fp32
+    monkeypatch.setattr("lightning_qlora.qlora.cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _fake_timings(monkeypatch, fp32=0.010, bf16=0.030)
+    plugin = plugin_class(compute_dtype="auto")
+    assert plugin.compute_dtype == torch.float32
+    assert isinstance(plugin.forward_context(), type(__import__("contextlib").nullcontext()))  # no autocast at all
+
+
+def test_auto_picks_bf16_only_when_it_is_clearly_faster(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _fake_timings(monkeypatch, fp32=0.010, bf16=0.004)
+    assert FabricNF4Precision(compute_dtype="auto").compute_dtype == torch.bfloat16
+    compute_dtype_module.forget_measurements()
+    _fake_timings(monkeypatch, fp32=0.010, bf16=0.0095)  # within the margin: not worth bf16's precision loss
+    assert FabricNF4Precision(compute_dtype="auto").compute_dtype == torch.float32
+
+
+def test_measurement_runs_once_per_process_and_thread_count(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    calls = _fake_timings(monkeypatch, fp32=0.010, bf16=0.030)
+    for _ in range(3):
+        FabricNF4Precision(compute_dtype="auto")
+    assert calls == [torch.float32, torch.bfloat16]
+    report = compute_dtype_module.measured_compute_dtypes()
+    assert report == {f"cpu/{torch.get_num_threads()} threads": {"fp32_s": 0.010, "bf16_s": 0.030,
+                                                                   "chosen": "torch.float32"}}  # fmt: skip
+
+
+def test_explicit_dtypes_and_cuda_are_not_measured(monkeypatch):
+    calls = _fake_timings(monkeypatch, fp32=0.010, bf16=0.001)
+    assert compute_dtype_module.choose_compute_dtype("fp32") == torch.float32
+    assert compute_dtype_module.choose_compute_dtype("bf16", "cpu") == torch.bfloat16
+    assert compute_dtype_module.choose_compute_dtype(torch.float16) == torch.float16
+    assert compute_dtype_module.choose_compute_dtype("auto", "cuda") == torch.bfloat16
+    assert calls == []
+    with pytest.raises(QLoRAConfigError, match="compute_dtype='fp8'"):
+        compute_dtype_module.choose_compute_dtype("fp8")
+
+
+def test_fsdp_plugin_takes_the_measured_dtype(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _fake_timings(monkeypatch, fp32=0.010, bf16=0.030)
+    plugin = FSDPNF4Precision(compute_dtype="auto")
+    assert plugin.qlora.compute_dtype == torch.float32
+    assert plugin.precision == "32-true"
+
+
+def test_the_real_measurement_times_both_dtypes():
+    # no timing assert (the machine is shared): both runs happen and give positive, finite seconds
+    for dtype in (torch.float32, torch.bfloat16):
+        seconds = compute_dtype_module.time_linear_step(dtype, repeats=1)
+        assert 0.0 < seconds < 60.0
+    assert compute_dtype_module.choose_compute_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
