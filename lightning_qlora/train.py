@@ -12,8 +12,9 @@ shipped ISO-date task on the CPU -- or override any part::
 Everything is built from the config before the model is loaded, so a typo or a bad value
 fails in seconds. The run prints and writes (``results.json`` in the run dir) the test
 exact match and loss before and after fine-tuning, time, peak memory, trainable parameters
-and adapter size; ``loss_curves.png`` and the adapter (``adapter/``, plus ``adapter_peft/``
-where PEFT has the method) land in the run dir too.
+and adapter size; ``predictions.jsonl`` (prompt, expected, base and tuned answer of every test
+example), ``loss_curves.png`` and the adapter (``adapter/``, plus ``adapter_peft/`` where PEFT has
+the method) land in the run dir too; the run dir is printed in full with the list of its files.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_qlora.adapters import AdapterConfigError, save_adapters
 from lightning_qlora.adapters.io import export_peft
 from lightning_qlora.adapters.summary import trainable_parameter_count
+from lightning_qlora.app.report import PREDICTIONS_FILE, list_run_files, print_report, write_predictions
 from lightning_qlora.atomic import atomic_write_text
 from lightning_qlora.data import DatasetNotFoundError, evaluate_instruction_model, task_paths
 from lightning_qlora.module import QLoRAModule
@@ -76,16 +78,29 @@ def _resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     return str(last)
 
 
+def _evaluated_examples(examples: list[Any], cfg: DictConfig) -> list[Any]:
+    limit = cfg.evaluate.limit
+    return examples[:limit] if limit else examples
+
+
 def _evaluate(module: QLoRAModule, tokenizer: Any, examples: list[Any], cfg: DictConfig, label: str) -> dict[str, Any]:
     start = time.perf_counter()
-    limit = cfg.evaluate.limit
-    result = evaluate_instruction_model(module.model, tokenizer, examples[:limit] if limit else examples,
+    result = evaluate_instruction_model(module.model, tokenizer, _evaluated_examples(examples, cfg),
                                         batch_size=cfg.evaluate.batch_size, max_new_tokens=cfg.evaluate.max_new_tokens,
                                         max_length=cfg.data.get("max_length"))  # fmt: skip
     result["seconds"] = time.perf_counter() - start
     rank_zero_info(f"{label}: exact match {100 * result['exact_match']:.1f}% on {result['num_examples']} test examples, "
                    f"answer loss {result['loss']:.4f} ({result['seconds']:.1f} s)")  # fmt: skip
     return result
+
+
+def _write_predictions(results: dict[str, Any], examples: list[Any], cfg: DictConfig,
+                       run_dir: Path) -> list[dict[str, Any]]:  # fmt: skip
+    base, tuned = results.get("before"), results.get("after")
+    if not (base or tuned):
+        return []
+    return write_predictions(run_dir / PREDICTIONS_FILE, _evaluated_examples(examples, cfg),
+                             base["predictions"] if base else None, tuned["predictions"] if tuned else None)  # fmt: skip
 
 
 def _save_adapter(module: QLoRAModule, run_dir: Path) -> dict[str, Any]:
@@ -106,31 +121,6 @@ def _log_adapter_artifact(trainer: L.Trainer, directory: str) -> None:
             artifact = wandb.Artifact(name=f"adapter-{logger.experiment.id}", type="model")
             artifact.add_dir(directory)
             logger.experiment.log_artifact(artifact)
-
-
-def _print_results(results: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="lightning_qlora run")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    before, after = results.get("before"), results.get("after")
-    if before:
-        table.add_row("test exact match, base (quantized)", f"{100 * before['exact_match']:.1f}%")
-        table.add_row("test answer loss, base", f"{before['loss']:.4f}")
-    if after:
-        table.add_row("test exact match, fine-tuned", f"{100 * after['exact_match']:.1f}%")
-        table.add_row("test answer loss, fine-tuned", f"{after['loss']:.4f}")
-    table.add_row("training steps", str(results["steps"]))
-    table.add_row("training time", f"{results['train_seconds']:.1f} s")
-    table.add_row("total time", f"{results['total_seconds']:.1f} s")
-    table.add_row("peak memory (RSS)", f"{results['peak_rss_mb']:.0f} MB")
-    table.add_row("trainable parameters", f"{results['trainable_params']:,}")
-    if "adapter_bytes" in results:
-        table.add_row("adapter size", f"{results['adapter_bytes'] / 1e6:.2f} MB")
-    table.add_row("run dir", results["run_dir"])
-    Console().print(table)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -159,7 +149,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     data.setup("test")
     module = QLoRAModule(model, optimizer=optimizer, adapters_only_checkpoints=cfg.adapters_only_checkpoints)
     plugin.convert_module(module)  # now, so the "before" numbers are the quantized base's (fit skips it)
-    results: dict[str, Any] = {"run_dir": str(run_dir), "trainable_params": trainable_parameter_count(module)}
+    results: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "trainable_params": trainable_parameter_count(module)}
     evaluate = trainer.is_global_zero and not cfg.trainer.get("fast_dev_run")
     if evaluate and cfg.evaluate.before:
         results["before"] = _evaluate(module, tokenizer, data.examples["test"], cfg, "base model (quantized)")
@@ -183,10 +173,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.finalize("success")
+        predictions = _write_predictions(results, data.examples["test"], cfg, run_dir)
+        results["files"] = list_run_files(run_dir, also=("results.json",))  # written just below
         slim = {k: ({kk: vv for kk, vv in v.items() if kk != "predictions"} if isinstance(v, dict) else v)
                 for k, v in results.items()}  # fmt: skip
         atomic_write_text(run_dir / "results.json", json.dumps(slim, indent=2))
-        _print_results(results)
+        print_report(results, run_dir, predictions, shown_predictions=cfg.evaluate.get("show", 5))
     return results
 
 

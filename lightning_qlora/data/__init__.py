@@ -11,6 +11,7 @@ Example:
 from lightning_qlora.data.chat import IGNORE_INDEX, encode_example, generation_prompt_ids, pad_batch, pad_token_id
 from lightning_qlora.data.datamodule import InstructionDataConfigError, InstructionDataModule, encode_examples
 from lightning_qlora.data.evaluate import ExactMatch, evaluate_instruction_model, evaluate_loss, generate_answers
+from lightning_qlora.data.resume import RandomStateCheckpoint, ResumableDataLoader, SeededShuffleSampler
 from lightning_qlora.data.records import (
     ChatTemplateError,
     DatasetNotFoundError,
@@ -32,6 +33,9 @@ __all__ = [
     "InstructionDataModule",
     "InstructionExample",
     "MalformedRecordError",
+    "RandomStateCheckpoint",
+    "ResumableDataLoader",
+    "SeededShuffleSampler",
     "encode_example",
     "encode_examples",
     "evaluate_instruction_model",

@@ -25,6 +25,7 @@ from typing_extensions import override
 
 from lightning_qlora.data.chat import IGNORE_INDEX, encode_example, pad_batch, pad_token_id
 from lightning_qlora.data.records import InstructionDataError, InstructionExample, read_instruction_jsonl
+from lightning_qlora.data.resume import ResumableDataLoader, SeededShuffleSampler
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,9 @@ class InstructionDataModule(L.LightningDataModule):
         system_prompt: system message put first in examples without one (``None``: the chat
             template's default; ``""``: an empty one, which saves SmolLM2's 20-token default).
         num_workers: DataLoader worker processes.
-        seed: seed of the training shuffle (each epoch differs, the sequence of epochs is reproducible).
+        seed: seed of the training shuffle: epoch ``e``'s order is a function of ``(seed, e)`` only, and
+            the training loader saves its position in checkpoints, so a run resumed at any step sees
+            the batches the uninterrupted run would have (see :mod:`lightning_qlora.data.resume`).
 
     Raises:
         InstructionDataConfigError: no path at all, a non-positive size, or a dataloader of a split without path.
@@ -125,15 +128,16 @@ class InstructionDataModule(L.LightningDataModule):
             )
         if split not in self.encoded:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.encoded[split],  # type: ignore[arg-type]  (a list is a map-style dataset)
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            collate_fn=partial(pad_batch, pad_id=self.pad_id, padding_side="right"),
-            num_workers=self.num_workers,
-        )
+        collate = partial(pad_batch, pad_id=self.pad_id, padding_side="right")
+        dataset = self.encoded[split]
+        if shuffle:
+            sampler = SeededShuffleSampler(len(dataset), seed=self.seed)
+            return ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler,  # type: ignore[arg-type]
+                                       collate_fn=collate, num_workers=self.num_workers)  # fmt: skip
+        # an own generator: creating the iterator draws the workers' base seed, never from the global RNG
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False,  # type: ignore[arg-type]
+                          generator=torch.Generator().manual_seed(self.seed), collate_fn=collate,
+                          num_workers=self.num_workers)  # fmt: skip
 
     @override
     def train_dataloader(self) -> DataLoader:

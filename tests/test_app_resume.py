@@ -1,0 +1,72 @@
+"""The app resumed mid-epoch: 4 steps + ``ckpt_path=last`` to 6 == 6 steps in one go, bit for bit,
+with the run's metrics history (logs/metrics.csv) continued, and predictions written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from lightning_qlora.train import run
+
+from .test_train import SMOKE, _compose
+
+QUIET = [*SMOKE, "trainer.log_every_n_steps=1", "evaluate.before=false", "evaluate.after=false"]
+
+
+def _adapters(run_dir: Path) -> dict[str, torch.Tensor]:
+    (weights,) = (run_dir / "adapter").glob("*.safetensors")
+    return load_file(weights)
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "logs" / "metrics.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def _train_losses(rows: list[dict[str, str]]) -> list[tuple[str, str]]:
+    return [(row["step"], row["train/loss"]) for row in rows if row.get("train/loss")]
+
+
+def test_mid_epoch_resume_in_the_app_is_bit_identical_and_continues_the_history(tmp_path):
+    straight_dir, parts_dir = tmp_path / "straight", tmp_path / "parts"
+    straight = run(_compose([*QUIET, "trainer.max_steps=6"], straight_dir))
+    assert straight["steps"] == 6
+
+    run(_compose([*QUIET, "trainer.max_steps=4"], parts_dir))
+    first_rows = _rows(parts_dir)
+    assert len(_train_losses(first_rows)) == 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = run(_compose([*QUIET, "trainer.max_steps=6", "ckpt_path=last"], parts_dir))
+    assert resumed["steps"] == 6
+    # step 4 of ~500 batches per epoch: a mid-epoch checkpoint, and the loader is resumable
+    assert not [w for w in caught if "not resumable" in str(w.message)]
+
+    a, b = _adapters(straight_dir), _adapters(parts_dir)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+    rows = _rows(parts_dir)
+    losses = _train_losses(rows)
+    assert losses[:4] == _train_losses(first_rows)  # the first part's history is still there
+    assert len(losses) == 6 and len({step for step, _ in losses}) == 6  # steps 5-6 appended, no duplicates
+    assert losses == _train_losses(_rows(straight_dir))  # and it is the uninterrupted run's history
+
+
+def test_predictions_jsonl_has_both_answers_for_every_example(tmp_path):
+    results = run(_compose([*SMOKE, "trainer.max_steps=2", "evaluate.limit=6"], tmp_path))
+    lines = (tmp_path / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 6 == results["after"]["num_examples"]
+    for record in records:
+        assert {"prompt", "expected", "base_answer", "tuned_answer"} <= set(record)
+        assert record["prompt"] and record["expected"]
+        assert isinstance(record["base_answer"], str) and isinstance(record["tuned_answer"], str)
+    assert sum(r["tuned_answer"] == r["expected"] for r in records) == round(6 * results["after"]["exact_match"])
+    assert "predictions.jsonl" in results["files"] and "adapter/" in results["files"]
