@@ -11,6 +11,9 @@ import sys
 
 
 def main() -> None:
+    from lightning_qlora.app.quiet import quiet_third_party
+
+    quiet_third_party()  # here, at the entry point only: the library never filters warnings
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
         from lightning_qlora.serving.cli import main as serve
 

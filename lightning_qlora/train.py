@@ -78,6 +78,25 @@ def _resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     return str(last)
 
 
+def _resumed_logger_kwargs(node: DictConfig, ckpt_path: str | None, run_dir: Path) -> dict[str, Any]:
+    """Arguments that make a logger continue the run's history when it resumes from ``ckpt_path``.
+
+    (The CSV logger, ``ContinuingCSVLogger``, needs none.) TensorBoard drops the events an interrupted
+    run wrote after its checkpoint (``purge_step``); W&B reopens the run it logged to (same id).
+    """
+    target = str(node.get("_target_", ""))
+    if ckpt_path is None:
+        return {}
+    if target.endswith("TensorBoardLogger"):
+        step = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("global_step", 0)
+        return {"purge_step": int(step) + 1}
+    if target.endswith("WandbLogger"):
+        latest = Path(str(node.get("save_dir") or run_dir)) / "wandb" / "latest-run"
+        if latest.exists():  # run-<time>-<id> or offline-run-<time>-<id>
+            return {"id": latest.resolve().name.rsplit("-", 1)[-1], "resume": "allow"}
+    return {}
+
+
 def _evaluated_examples(examples: list[Any], cfg: DictConfig) -> list[Any]:
     limit = cfg.evaluate.limit
     return examples[:limit] if limit else examples
@@ -137,7 +156,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                           skip_modules=tuple(cfg.skip_modules))  # fmt: skip
     optimizer = _build(cfg.optimizer)
     callbacks = [_build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [_build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    ckpt_path = _resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    loggers = [_build(c, **_resumed_logger_kwargs(c, ckpt_path, run_dir))
+               for c in (cfg.get("logger") or {}).values() if c is not None]  # fmt: skip
     trainer: L.Trainer = _build(cfg.trainer, plugins=[plugin], callbacks=callbacks, logger=loggers or False)
     # checkpoints as a same-directory temporary + fsync + rename, never a copy from $TMPDIR (issue 15)
     install_atomic_checkpoint_io(trainer.strategy)
@@ -155,7 +176,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["before"] = _evaluate(module, tokenizer, data.examples["test"], cfg, "base model (quantized)")
 
     fit_start = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=_resolve_ckpt_path(cfg.ckpt_path, run_dir))
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     results["train_seconds"] = time.perf_counter() - fit_start
     results["steps"] = trainer.global_step
     results["optimizer"] = type(trainer.optimizers[0]).__name__ if trainer.optimizers else None
@@ -192,4 +213,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from lightning_qlora.app.quiet import quiet_third_party
+
+    quiet_third_party()  # the entry point's filters (lightning_qlora.cli does the same)
     main()

@@ -45,6 +45,8 @@ def quiet_third_party() -> None:
     """Install the app's filters (idempotent). ``LIGHTNING_QLORA_VERBOSE=1`` leaves everything on."""
     if os.environ.get("LIGHTNING_QLORA_VERBOSE", "").lower() in ("1", "true", "yes"):
         return
+    # transformers' per-file "Loading weights" bars: the app prints its own messages for the slow steps
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for message, category in _WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name in _LOGGERS:

@@ -82,12 +82,24 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 def _batches(count: int, batch_size: int, description: str, show_progress: bool) -> Iterator[range]:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+    starts = range(0, count, batch_size)
     with Progress(disable=not show_progress, transient=True) as progress:
-        task = progress.add_task(description, total=count)
-        for start in range(0, count, batch_size):
-            chunk = range(start, min(start + batch_size, count))
-            yield chunk
-            progress.advance(task, len(chunk))
+        task = progress.add_task(description, total=len(starts))
+        for number, start in enumerate(starts, start=1):
+            progress.update(task, description=f"{description}, batch {number}/{len(starts)}")
+            yield range(start, min(start + batch_size, count))
+            progress.advance(task, 1)
+
+
+class _TokenTicks:
+    """A transformers stopping criterion that never stops: it advances a progress bar once per generated token."""
+
+    def __init__(self, progress: Progress, task: Any) -> None:
+        self.progress, self.task = progress, task
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        self.progress.advance(self.task, 1)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -126,14 +138,24 @@ def generate_answers(
     eos_id = getattr(tokenizer, "eos_token_id", None)
     answers: list[str] = [""] * len(prompts)
     device = _device(model)
-    with _eval_mode(model):
-        for chunk in _batches(len(order), batch_size, "generating answers", show_progress):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+    chunks = [range(start, min(start + batch_size, len(order))) for start in range(0, len(order), batch_size)]
+    from transformers import StoppingCriteriaList
+
+    # one tick per generated token of each batch: a batch of 50 prompts takes seconds, not one jump
+    with _eval_mode(model), Progress(disable=not show_progress, transient=True) as progress:
+        task = progress.add_task("generating answers", total=len(chunks) * max_new_tokens)
+        for number, chunk in enumerate(chunks, start=1):
+            progress.update(task, description=f"generating answers, batch {number}/{len(chunks)}")
             indices = [order[i] for i in chunk]
             batch = pad_batch([{"input_ids": prompts[i]} for i in indices], pad_id, padding_side="left")
             output = model.generate(
                 input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=eos_id,
+                stopping_criteria=StoppingCriteriaList([_TokenTicks(progress, task)]),
             )  # fmt: skip
+            progress.update(task, completed=number * max_new_tokens)  # the batch may have stopped early (EOS)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             for index, text in zip(indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                 answers[index] = text.strip()

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import struct
+import time
 from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
@@ -195,16 +196,23 @@ def _load_pretrained(directory: Path, dtype: torch.dtype, **kwargs: Any) -> tupl
 
 def _convert_gguf(directory: Path) -> None:
     """Dequantize the shipped GGUF into a float safetensors checkpoint (and tokenizer) in ``directory``."""
+    from rich.console import Console
+
     gguf = smollm2_gguf_path()
-    log.info("converting %s to a float checkpoint (first use only)", gguf.name)
-    model, tokenizer = _load_pretrained(gguf.parent, torch.float32, gguf_file=gguf.name)
-    # The weights are already dequantized to float; drop the GGUF marker that makes
-    # transformers refuse to serialize the model.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
+    console = Console(stderr=True)  # a minute or so on first use: say so, with a spinner on a terminal
+    console.print(f"lightning_qlora: converting {gguf.name} to a float checkpoint, once (later runs load the cached "
+                  "copy)", highlight=False, soft_wrap=True)  # fmt: skip
+    start = time.perf_counter()
+    with console.status(f"converting {gguf.name}..."):
+        model, tokenizer = _load_pretrained(gguf.parent, torch.float32, gguf_file=gguf.name)
+        # The weights are already dequantized to float; drop the GGUF marker that makes
+        # transformers refuse to serialize the model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(directory, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+    console.print(f"lightning_qlora: {gguf.name} converted in {time.perf_counter() - start:.0f} s", highlight=False)
 
 
 def load_smollm2(cache_dir: str | Path | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:

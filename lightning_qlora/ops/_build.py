@@ -20,6 +20,7 @@ instead of skipping. ``LIGHTNING_QLORA_FORCE_REFERENCE=1`` skips the compiled ke
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -27,6 +28,7 @@ import sys
 import sysconfig
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,23 @@ def _put_ninja_on_path() -> None:
             return
 
 
+@contextlib.contextmanager
+def _first_build_notice(name: str, directory: Path) -> Iterator[None]:
+    """Say (with a spinner on a terminal) that the one-time compile is running: it takes from half a minute to a few."""
+    if any(directory.glob(f"{name}*.so")):  # already compiled: load() only loads it
+        yield
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    start = time.perf_counter()
+    console.print(f"lightning_qlora: compiling the C++ kernels ({name}), once: later runs load them from {directory}",
+                  highlight=False, soft_wrap=True)  # fmt: skip
+    with console.status(f"compiling {name}..."):
+        yield
+    console.print(f"lightning_qlora: {name} compiled in {time.perf_counter() - start:.0f} s", highlight=False)
+
+
 def _build(name: str) -> Any:
     spec = EXTENSIONS[name]
     sources = [CSRC / source for source in spec["sources"]]
@@ -112,7 +131,8 @@ def _build(name: str) -> Any:
     directory = build_directory(name)
     directory.mkdir(parents=True, exist_ok=True)
     timeout = float(os.environ.get(BUILD_TIMEOUT_ENV, "900"))
-    with exclusive_lock(directory.with_name(directory.name + ".lock"), f"building the {name} kernels", timeout):
+    lock = exclusive_lock(directory.with_name(directory.name + ".lock"), f"building the {name} kernels", timeout)
+    with lock, _first_build_notice(name, directory):
         # torch's FileBaton: a plain file a killed build leaves, on which load() would wait forever
         (directory / "lock").unlink(missing_ok=True)
         return load(
