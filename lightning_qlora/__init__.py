@@ -5,6 +5,7 @@ NF4/FP4 quantization bit-exact with bitsandbytes, custom ops with C++/CUDA kerne
 Hydra app.
 """
 
+from lightning_qlora import _openmp  # noqa: F401, I001  (first: OpenMP reads its wait policy when torch loads)
 from lightning_qlora import _registration, ops  # noqa: F401  (ops registers the custom ops)
 
 _registration.install()  # Trainer(strategy="paged" | "paged_ddp" | "qlora_fsdp"), without importing Lightning

@@ -23,7 +23,6 @@ from lightning_qlora.errors import (
     NonFiniteError,
     QuantizationError,
     check_block_size,
-    check_finite,
 )
 from lightning_qlora.quantization.convert import quantize_linears
 from lightning_qlora.quantization.linear import Linear4bit
@@ -141,9 +140,10 @@ def _check_existing_4bit(model: nn.Module, spec: QLoRASpec) -> None:
 def apply_qlora(model: nn.Module, spec: QLoRASpec) -> QLoRAReport:
     """Quantize (layer by layer), inject adapters and freeze everything else, in place.
 
-    Everything that can fail is checked before the model is touched -- the targets, every
-    weight's values (a NaN/Inf names its layer), layers that are 4-bit already -- so on an
-    error the model is exactly as it was. Layers already 4-bit are kept (only adapters are added).
+    Everything that can fail is checked before the model is touched -- the targets, layers
+    that are 4-bit already -- and a NaN/Inf weight, found by the quantize kernel's own pass,
+    names its layer and puts back the layers converted so far: on an error the model is
+    exactly as it was. Layers already 4-bit are kept (only adapters are added).
     """
     linears = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, Linear4bit))]
     if not linears:
@@ -156,19 +156,17 @@ def apply_qlora(model: nn.Module, spec: QLoRASpec) -> QLoRAReport:
     ]  # fmt: skip
     if spec.adapter is not None:
         find_targets(model, spec.target_modules, exclude=spec.skip_modules)  # raises on a target that matches nothing
-    for name in to_quantize:
-        try:
-            check_finite(model.get_submodule(name).weight, name=f"{name}.weight")
-        except NonFiniteError as error:
-            raise NonFiniteError(
-                f"{error} Nothing was converted. Fix that layer's weights, or leave it in float with "
-                f"skip_modules=[..., {name.rpartition('.')[2]!r}]."
-            ) from None
     quantized: list[str] = []
     if formats is not None:
         quant_type, double_quant = formats
-        quantized = quantize_linears(model, quant_type, spec.blocksize, double_quant, skip=spec.skip_modules,
-                                     check_values=False)  # fmt: skip
+        try:  # the NaN/Inf check rides on the quantize kernel; a failure puts every layer back
+            quantized = quantize_linears(model, quant_type, spec.blocksize, double_quant, skip=spec.skip_modules)
+        except NonFiniteError as error:
+            name = next((n for n in to_quantize if str(error).startswith(f"{n}.weight ")), "")
+            raise NonFiniteError(
+                f"{error} Fix that layer's weights, or leave it in float with "
+                f"skip_modules=[..., {name.rpartition('.')[2]!r}]."
+            ) from None
     if spec.adapter is None:
         for parameter in model.parameters():
             parameter.requires_grad_(False)

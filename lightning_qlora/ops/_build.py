@@ -48,11 +48,11 @@ CSRC = _PACKAGE_CSRC if _PACKAGE_CSRC.is_dir() else Path(__file__).resolve().par
 #: extension name -> (sources under CSRC, include dirs under CSRC, C++ flags, CUDA flags, linker flags)
 EXTENSIONS: dict[str, dict[str, Any]] = {
     "lightning_qlora_cpu": {
-        "sources": ["cpu/kernels.cpp", "cpu/matmul.cpp", "cpu/bgmv.cpp", "cpu/bindings.cpp"],
+        "sources": ["cpu/parallel.cpp", "cpu/kernels.cpp", "cpu/matmul.cpp", "cpu/bgmv.cpp", "cpu/bindings.cpp"],
         "includes": ["include"],
-        "cflags": ["-O3", "-fopenmp", "-march=native", "-ffp-contract=off"],
+        "cflags": ["-O3", "-pthread", "-march=native", "-ffp-contract=off"],  # threads: cpu/parallel.h, not OpenMP
         "cuda_cflags": [],
-        "ldflags": ["-fopenmp"],
+        "ldflags": ["-pthread"],
     },
     "lightning_qlora_cuda": {
         "sources": ["cuda/bindings.cpp", "cuda/kernels.cu", "cuda/linear.cu", "cuda/bgmv.cu"],

@@ -1,7 +1,8 @@
 """The compiled C++ kernels (``csrc/``): built on first use, cached, never breaking import.
 
-The CPU kernels for ``quantize_4bit``, ``dequantize_4bit``, ``linear_4bit`` and
-``linear_4bit_input_grad`` are registered at import as thin Python kernels that validate with
+The CPU kernels for ``quantize_4bit``, ``dequantize_4bit``, the blockwise 8-bit pair (double
+quantization of absmax; stochastic 8-bit rounding stays on the reference), ``linear_4bit``,
+``linear_4bit_input_grad`` and ``bgmv`` are registered at import as thin Python kernels that validate with
 our typed errors. Loading is lazy, so ``import lightning_qlora`` stays fast: the first op call
 compiles ``csrc/cpu`` (ninja, about 30 s on 2 cores) through :mod:`lightning_qlora.ops._build`,
 which owns the sources, flags, cache directory (``~/.cache/lightning_qlora/build``) and build
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lightning_qlora.errors import BLOCK_SIZES_4BIT, check_block_size, check_float_dtype, check_output_dtype
+from lightning_qlora.errors import BLOCK_SIZES_4BIT, BLOCK_SIZES_8BIT, check_block_size, check_float_dtype, check_output_dtype
 from lightning_qlora.errors import ShapeMismatchError
 from lightning_qlora.ops import reference
 from lightning_qlora.ops._build import CSRC, FORCE_REFERENCE_ENV, force_reference, reset
@@ -26,6 +27,7 @@ from lightning_qlora.ops.schemas import (
     check_bgmv_args,
     check_codebook,
     check_dequantize_4bit_args,
+    check_dequantize_8bit_args,
     check_linear_4bit_args,
     qualified_name,
 )
@@ -78,6 +80,27 @@ def _dequantize_4bit_cpu(
     check_output_dtype(dtype)
     check_dequantize_4bit_args(packed, absmax, code, blocksize, shape)
     return extension.dequantize_4bit(packed, absmax, code, blocksize, [int(d) for d in shape], dtype)
+
+
+def _quantize_blockwise_8bit_cpu(A: torch.Tensor, code: torch.Tensor, blocksize: int, seed: int | None = None) -> Any:
+    extension = None if _force_reference() else cpu_extension()
+    if extension is None or seed is not None:
+        return reference.quantize_blockwise_8bit(A, code, blocksize, seed)
+    check_float_dtype(A)
+    check_block_size(blocksize, BLOCK_SIZES_8BIT)
+    check_codebook(code, 256)
+    return extension.quantize_blockwise_8bit(A, reference.encode_lookup_table_8bit(code), blocksize)
+
+
+def _dequantize_blockwise_8bit_cpu(
+    codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
+) -> torch.Tensor:
+    extension = None if _force_reference() else cpu_extension()
+    if extension is None:
+        return reference.dequantize_blockwise_8bit(codes, absmax, code, blocksize, dtype)
+    check_output_dtype(dtype)
+    check_dequantize_8bit_args(codes, absmax, code, blocksize)
+    return extension.dequantize_blockwise_8bit(codes, absmax, code, blocksize, dtype)
 
 
 def _linear_4bit_cpu(
@@ -134,6 +157,8 @@ def _bgmv_cpu(
 
 torch.library.register_kernel(qualified_name("quantize_4bit"), "cpu", _quantize_4bit_cpu)
 torch.library.register_kernel(qualified_name("dequantize_4bit"), "cpu", _dequantize_4bit_cpu)
+torch.library.register_kernel(qualified_name("quantize_blockwise_8bit"), "cpu", _quantize_blockwise_8bit_cpu)
+torch.library.register_kernel(qualified_name("dequantize_blockwise_8bit"), "cpu", _dequantize_blockwise_8bit_cpu)
 torch.library.register_kernel(qualified_name("linear_4bit"), "cpu", _linear_4bit_cpu)
 torch.library.register_kernel(qualified_name("linear_4bit_input_grad"), "cpu", _linear_4bit_input_grad_cpu)
 torch.library.register_kernel(qualified_name("bgmv"), "cpu", _bgmv_cpu)

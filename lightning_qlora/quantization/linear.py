@@ -1,8 +1,12 @@
 """``Linear4bit``: an ``nn.Linear`` whose frozen weight is a :class:`Quantized4bitTensor`.
 
-Forward: ``y = x @ dequantize(W)^T + b`` in the input's dtype, bit-equal to
-``bitsandbytes.nn.Linear4bit`` (the fused ``lightning_qlora::linear_4bit`` op is faster but sums
-in another order; see the comment in ``forward``). Backward gives the input gradient
+Forward: ``y = x @ dequantize(W)^T + b`` in the input's dtype. Decode-size batches (at most
+:data:`FUSED_MAX_ROWS` rows, e.g. every generated token) take the fused
+``lightning_qlora::linear_4bit`` op, which decodes the 4-bit codes in registers and never writes
+the float weight (5-10x faster than dequantize + ``F.linear`` at batch 1); bigger batches
+dequantize once and let BLAS multiply. The fused op accumulates in fp32 in another order, so
+outputs agree with ``bitsandbytes.nn.Linear4bit`` up to fp32 round-off (the weights themselves
+are bit-exact). Backward gives the input gradient
 ``g @ dequantize(W)`` through ``lightning_qlora::linear_4bit_input_grad`` (the weight is
 frozen; adapters train on top), which reads the 4-bit weight tile by tile instead of keeping a
 float weight alive between forward and backward -- that is what keeps QLoRA's activation
@@ -31,6 +35,11 @@ from lightning_qlora.quantization.bnb_format import from_bnb_state_dict, to_bnb_
 from lightning_qlora.quantization.tensor import Quantized4bitTensor, quantize_4bit
 
 
+#: Largest batch (rows of ``x`` flattened to 2-D) that takes the fused GEMV; measured crossover
+#: with ``python -m lightning_qlora.bench kernels`` (its crossover table), the same limit as the C++ op's.
+FUSED_MAX_ROWS = 64
+
+
 def _weight_args(weight: Quantized4bitTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, list[int]]:
     """``(packed, absmax, code, blocksize, shape)`` of a 4-bit weight; DQ absmax decoded (tiny)."""
     return weight.packed, weight.block_absmax(), weight.code, weight.blocksize, list(weight.shape)
@@ -41,9 +50,9 @@ class _Linear4bitFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: Quantized4bitTensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.weight = weight
         ctx.has_bias = bias is not None
-        # Not the fused lightning_qlora::linear_4bit op (yet): it sums in another fp32 order, and
-        # examples/quantize_and_share_with_bitsandbytes.py (+ its test) pin outputs bit-equal to
-        # bitsandbytes.nn.Linear4bit. Switching is one line once that pin becomes a round-off bound.
+        if x.numel() <= FUSED_MAX_ROWS * x.shape[-1]:
+            out = op("linear_4bit")(x, *_weight_args(weight))
+            return out.add_(bias.to(out.dtype)) if bias is not None else out
         return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
 
     @staticmethod

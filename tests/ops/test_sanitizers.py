@@ -15,9 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_kernels_are_clean_under_asan_and_ubsan(tmp_path):
     binary = tmp_path / "harness"
     build = subprocess.run(
-        ["g++", "-std=c++17", "-O1", "-g", "-fopenmp", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+        ["g++", "-std=c++17", "-O1", "-g", "-pthread", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
          f"-I{ROOT / 'csrc' / 'include'}", str(ROOT / "tests" / "ops" / "sanitize_harness.cpp"),
-         str(ROOT / "csrc" / "cpu" / "kernels.cpp"), str(ROOT / "csrc" / "cpu" / "matmul.cpp"), "-march=native",
+         str(ROOT / "csrc" / "cpu" / "parallel.cpp"), str(ROOT / "csrc" / "cpu" / "kernels.cpp"),
+         str(ROOT / "csrc" / "cpu" / "matmul.cpp"), "-march=native",
          "-o", str(binary)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip

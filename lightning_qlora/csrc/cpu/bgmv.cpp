@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "bgmv.h"
+#include "parallel.h"
 #include "lightning_qlora/bgmv.h"
 
 namespace lightning_qlora {
@@ -18,6 +19,8 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kLanes = 16;
+
+LoopSite bgmv_site;
 
 // x . row over n elements: 16 independent lanes (the compiler vectorizes them) + a fixed tail order.
 inline float dot_lanes(const float* x, const float* row, int64_t n) {
@@ -44,19 +47,22 @@ int64_t bgmv(const float* x, int64_t rows, int64_t in_features, int64_t out_feat
     if (status != kBgmvOk) return status;
   }
   const int64_t work = rows * max_rank * (in_features + out_features);
-#pragma omp parallel for schedule(static) if (work > (int64_t{1} << 16))
-  for (int64_t b = 0; b < rows; ++b) {
-    float* out = y + b * out_features;
-    memset(out, 0, sizeof(float) * static_cast<size_t>(out_features));
-    const int64_t slot = indices[b];
-    if (slot < 0) continue;
-    const float* xb = x + b * in_features;
-    const float scale = scales[slot];
-    for (int64_t j = 0; j < ranks[slot]; ++j) {
-      const float t = dot_lanes(xb, pool + a_rows[slot * max_rank + j], in_features);
-      strided_axpy(scale * t, pool + b_rows[slot * max_rank + j], out, 0, out_features, 1);
+  // Small batches stay on the caller's thread (one chunk): waking a helper costs more than them.
+  const int64_t grain = work > (int64_t{1} << 16) ? 1 : rows;
+  parallel_for(bgmv_site, rows, grain, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      float* out = y + b * out_features;
+      memset(out, 0, sizeof(float) * static_cast<size_t>(out_features));
+      const int64_t slot = indices[b];
+      if (slot < 0) continue;
+      const float* xb = x + b * in_features;
+      const float scale = scales[slot];
+      for (int64_t j = 0; j < ranks[slot]; ++j) {
+        const float t = dot_lanes(xb, pool + a_rows[slot * max_rank + j], in_features);
+        strided_axpy(scale * t, pool + b_rows[slot * max_rank + j], out, 0, out_features, 1);
+      }
     }
-  }
+  });
   return kBgmvOk;
 }
 

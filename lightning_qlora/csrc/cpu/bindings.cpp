@@ -1,5 +1,6 @@
 // Python bindings of the CPU kernels. Validation happens in Python (typed errors) before
 // these are called; here we only check what would otherwise corrupt memory.
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 #include "bgmv.h"
 #include "kernels.h"
 #include "matmul.h"
+#include "parallel.h"
 
 namespace lq = lightning_qlora;
 
@@ -30,6 +32,15 @@ lq::cpu::FloatType float_type(at::ScalarType type) {
       TORCH_CHECK(false, "lightning_qlora CPU kernels take float32, float16 or bfloat16, got ", type);
   }
 }
+
+// Our loops use as many threads as torch.set_num_threads allows, and torch's own pool (see parallel.h).
+void run_in_torch_pool(int threads, const std::function<void()>& each_thread) {
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) each_thread();
+  });
+}
+
+void follow_torch_threads() { lq::cpu::set_max_threads(at::get_num_threads()); }
 
 lq::Codebook4 prepare_codebook(const at::Tensor& code) {
   TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16, "codebook must be 16 float32 values");
@@ -57,6 +68,7 @@ void advise_huge_pages(void* data, size_t bytes) {
 std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& input, const at::Tensor& code, int64_t blocksize,
                                                  c10::optional<int64_t> seed) {
   TORCH_CHECK(input.device().is_cpu() && blocksize > 0 && blocksize % 2 == 0, "bad quantize_4bit call");
+  follow_torch_threads();
   auto source = input.contiguous();
   const int64_t n = source.numel();
   auto packed = at::empty({(n + 1) / 2}, source.options().dtype(at::kByte));
@@ -73,6 +85,7 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, c
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == (n + 1) / 2, "packed size does not match shape");
   TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.numel() == (n + blocksize - 1) / blocksize, "absmax size");
   TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16, "codebook must be 16 float32 values");
+  follow_torch_threads();
   auto out = at::empty(shape, packed.options().dtype(dtype));
   advise_huge_pages(out.data_ptr(), static_cast<size_t>(out.nbytes()));
   auto codes = packed.contiguous();
@@ -81,6 +94,37 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, c
   lq::cpu::dequantize_4bit(codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), table.data_ptr<float>(), n, blocksize,
                            float_type(dtype), out.data_ptr());
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit(const at::Tensor& input, const at::Tensor& table,
+                                                           int64_t blocksize) {
+  TORCH_CHECK(input.device().is_cpu() && blocksize > 0, "bad quantize_blockwise_8bit call");
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.numel() == 65536, "encoding table must be 65536 int64 values");
+  follow_torch_threads();
+  auto source = input.reshape({-1}).to(at::kFloat).contiguous();
+  auto lookup = table.contiguous();
+  const int64_t n = source.numel();
+  auto codes = at::empty(input.sizes(), source.options().dtype(at::kByte));
+  auto absmax = at::empty({(n + blocksize - 1) / blocksize}, source.options());
+  lq::cpu::quantize_blockwise_8bit(source.data_ptr<float>(), n, blocksize, lookup.data_ptr<int64_t>(),
+                                   codes.data_ptr<uint8_t>(), absmax.data_ptr<float>());
+  return {codes, absmax};
+}
+
+at::Tensor dequantize_blockwise_8bit(const at::Tensor& codes_in, const at::Tensor& absmax_in, const at::Tensor& code_in,
+                                     int64_t blocksize, at::ScalarType dtype) {
+  const int64_t n = codes_in.numel();
+  TORCH_CHECK(codes_in.scalar_type() == at::kByte, "codes must be uint8");
+  TORCH_CHECK(absmax_in.scalar_type() == at::kFloat && absmax_in.numel() == (n + blocksize - 1) / blocksize, "absmax size");
+  TORCH_CHECK(code_in.scalar_type() == at::kFloat && code_in.numel() == 256, "codebook must be 256 float32 values");
+  follow_torch_threads();
+  auto codes = codes_in.contiguous();
+  auto absmax = absmax_in.contiguous();
+  auto code = code_in.contiguous();
+  auto out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  lq::cpu::dequantize_blockwise_8bit(codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code.data_ptr<float>(), n,
+                                     blocksize, out.data_ptr<float>());
+  return dtype == at::kFloat ? out : out.to(dtype);
 }
 
 // Weight rows per GEMM tile: up to 16M fp32 values (64 MB). Measured on the 2-core dev box
@@ -93,6 +137,7 @@ int64_t tile_rows(int64_t in_features) {
 
 void check_weight(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
                   const std::vector<int64_t>& shape) {
+  follow_torch_threads();
   TORCH_CHECK(shape.size() == 2, "4-bit linear needs a 2-D weight shape (out, in), got ", shape.size(), " dims");
   const int64_t n = shape[0] * shape[1];
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == (n + 1) / 2, "packed size does not match shape");
@@ -124,9 +169,14 @@ at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed_in, const a
   auto rows = x.reshape({-1, in_features}).to(at::kFloat).contiguous();
   const int64_t batch = rows.size(0);
   auto y = at::empty({batch, out_features}, rows.options());
-  if (batch <= lq::cpu::kMaxFusedRows) {
-    lq::cpu::gemv_4bit(rows.data_ptr<float>(), batch, packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
-                       code.data_ptr<float>(), out_features, in_features, blocksize, y.data_ptr<float>());
+  if (batch <= lq::cpu::kFusedBatchLimit) {
+    // Decode-size batches: the fused kernel, kMaxFusedRows rows per pass over the 4-bit codes.
+    for (int64_t first = 0; first < batch; first += lq::cpu::kMaxFusedRows) {
+      const int64_t count = std::min<int64_t>(lq::cpu::kMaxFusedRows, batch - first);
+      lq::cpu::gemv_4bit(rows.data_ptr<float>() + first * in_features, count, packed.data_ptr<uint8_t>(),
+                         absmax.data_ptr<float>(), code.data_ptr<float>(), out_features, in_features, blocksize,
+                         y.data_ptr<float>() + first * out_features);
+    }
   } else {
     // Training-size batches: dequantize a tile of weight rows, let BLAS multiply it. Rows of
     // y^T are contiguous per tile, so BLAS writes straight into the result.
@@ -156,12 +206,19 @@ at::Tensor linear_4bit_input_grad(const at::Tensor& grad, const at::Tensor& pack
   auto absmax = absmax_in.contiguous();
   auto code = code_in.contiguous();
   auto rows = grad.reshape({-1, out_features}).to(at::kFloat).contiguous();
-  auto result = at::zeros({rows.size(0), in_features}, rows.options());
   const int64_t step = tile_rows(in_features);
-  for (int64_t o = 0; o < out_features; o += step) {
-    const int64_t end = std::min(o + step, out_features);
-    auto tile = weight_tile(packed, absmax, code, blocksize, in_features, o, end);
-    result.addmm_(rows.narrow(1, o, end - o), tile);
+  at::Tensor result;
+  if (step >= out_features) {
+    // One tile (every weight up to 16M values): a plain fp32 GEMM (row-major NN, MKL's fastest
+    // layout and dtype on CPUs without AMX) into a fresh result -- no zero fill, no beta pass.
+    result = at::mm(rows, weight_tile(packed, absmax, code, blocksize, in_features, 0, out_features));
+  } else {
+    result = at::zeros({rows.size(0), in_features}, rows.options());
+    for (int64_t o = 0; o < out_features; o += step) {
+      const int64_t end = std::min(o + step, out_features);
+      auto tile = weight_tile(packed, absmax, code, blocksize, in_features, o, end);
+      result.addmm_(rows.narrow(1, o, end - o), tile);
+    }
   }
   auto out_shape = grad.sizes().vec();
   out_shape.back() = in_features;
@@ -177,6 +234,7 @@ int64_t bgmv(const at::Tensor& x, const at::Tensor& pool, const at::Tensor& a_ro
               "bgmv: row tables must be contiguous (slots, max_rank)");
   TORCH_CHECK(y.scalar_type() == at::kFloat && y.dim() == 2 && y.size(0) == x.size(0) && y.is_contiguous(),
               "bgmv: y must be contiguous float32 (rows, out)");
+  follow_torch_threads();
   return lq::cpu::bgmv(x.data_ptr<float>(), x.size(0), x.size(1), y.size(1), pool.data_ptr<float>(), pool.numel(),
                        a_rows.data_ptr<int64_t>(), b_rows.data_ptr<int64_t>(), ranks.data_ptr<int64_t>(),
                        scales.data_ptr<float>(), a_rows.size(0), a_rows.size(1), indices.data_ptr<int64_t>(),
@@ -187,9 +245,12 @@ int64_t bgmv(const at::Tensor& x, const at::Tensor& pool, const at::Tensor& a_ro
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lightning_qlora CPU kernels";
+  lq::cpu::set_team_runner(&run_in_torch_pool);
   m.def("bgmv", &bgmv, "batched heterogeneous LoRA; returns a status code");
   m.def("quantize_4bit", &quantize_4bit, "blockwise 4-bit quantization");
   m.def("dequantize_4bit", &dequantize_4bit, "blockwise 4-bit dequantization");
+  m.def("quantize_blockwise_8bit", &quantize_blockwise_8bit, "blockwise 8-bit quantization, nearest rounding");
+  m.def("dequantize_blockwise_8bit", &dequantize_blockwise_8bit, "blockwise 8-bit dequantization");
   m.def("linear_4bit", &linear_4bit, "x @ W^T with a 4-bit weight");
   m.def("linear_4bit_input_grad", &linear_4bit_input_grad, "grad @ W with a 4-bit weight");
 }

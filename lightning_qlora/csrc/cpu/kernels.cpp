@@ -1,9 +1,11 @@
-// Blockwise 4-bit quantize/dequantize on the CPU: OpenMP across blocks, a scalar inner loop
-// the compiler vectorizes (IEEE operations only, no fast-math, so results are bit-identical
+// Blockwise 4-bit quantize/dequantize on the CPU: chunks of blocks spread over threads
+// (parallel.h: dynamic assignment, no spinning), an AVX-512 or scalar inner loop the compiler vectorizes (IEEE operations only, no fast-math, so results are bit-identical
 // to the PyTorch reference kernels).
 #include "kernels.h"
 
 #include <cmath>
+
+#include "parallel.h"
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -137,16 +139,23 @@ void quantize_block(const void* input, int64_t start, int64_t end, int64_t block
   }
 }
 
+// 32K elements per chunk: 512 chunks for a 4096x4096 weight, each long enough that claiming
+// it costs nothing, short enough that a helper preempted mid-chunk delays the call little.
+inline int64_t blocks_per_chunk(int64_t blocksize) { return blocksize >= 32768 ? 1 : 32768 / blocksize; }
+
+LoopSite quantize_site, dequantize_site, quantize_8bit_site, dequantize_8bit_site;
+
 template <FloatType T>
 void quantize_all(const void* input, int64_t n, const Codebook4& book, int64_t blocksize, bool stochastic,
                   uint64_t seed, uint8_t* packed, float* absmax) {
   const int64_t blocks = (n + blocksize - 1) / blocksize;
-#pragma omp parallel for schedule(static)
-  for (int64_t block = 0; block < blocks; ++block) {
-    const int64_t start = block * blocksize;
-    const int64_t end = start + blocksize < n ? start + blocksize : n;
-    quantize_block<T>(input, start, end, blocksize, book, stochastic, seed, packed, absmax + block);
-  }
+  parallel_for(quantize_site, blocks, blocks_per_chunk(blocksize), [&](int64_t first, int64_t last) {
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t start = block * blocksize;
+      const int64_t end = start + blocksize < n ? start + blocksize : n;
+      quantize_block<T>(input, start, end, blocksize, book, stochastic, seed, packed, absmax + block);
+    }
+  });
 }
 
 #ifdef __AVX512F__
@@ -192,24 +201,25 @@ template <FloatType T>
 void dequantize_all(const uint8_t* packed, const float* absmax, const float* codebook, int64_t n, int64_t blocksize,
                     void* output) {
   const int64_t blocks = (n + blocksize - 1) / blocksize;
-#pragma omp parallel for schedule(static)
-  for (int64_t block = 0; block < blocks; ++block) {
-    const int64_t start = block * blocksize;
-    const int64_t end = start + blocksize < n ? start + blocksize : n;
-    const float scale = absmax[block];
-    // Blocks start at even indices (block sizes are even), so bytes never straddle blocks.
-    const int64_t pairs_end = start + ((end - start) & ~int64_t{1});
-    int64_t first = start;
+  parallel_for(dequantize_site, blocks, blocks_per_chunk(blocksize), [&](int64_t first_block, int64_t last_block) {
+    for (int64_t block = first_block; block < last_block; ++block) {
+      const int64_t start = block * blocksize;
+      const int64_t end = start + blocksize < n ? start + blocksize : n;
+      const float scale = absmax[block];
+      // Blocks start at even indices (block sizes are even), so bytes never straddle blocks.
+      const int64_t pairs_end = start + ((end - start) & ~int64_t{1});
+      int64_t first = start;
 #ifdef __AVX512F__
-    first = dequantize_block_avx512<T>(packed, _mm512_loadu_ps(codebook), scale, start, pairs_end, output);
+      first = dequantize_block_avx512<T>(packed, _mm512_loadu_ps(codebook), scale, start, pairs_end, output);
 #endif
-    for (int64_t i = first; i < pairs_end; i += 2) {
-      const uint8_t byte = packed[i >> 1];
-      store<T>(output, i, codebook[byte >> 4] * scale);
-      store<T>(output, i + 1, codebook[byte & 0x0F] * scale);
+      for (int64_t i = first; i < pairs_end; i += 2) {
+        const uint8_t byte = packed[i >> 1];
+        store<T>(output, i, codebook[byte >> 4] * scale);
+        store<T>(output, i + 1, codebook[byte & 0x0F] * scale);
+      }
+      if (pairs_end < end) store<T>(output, pairs_end, codebook[packed[pairs_end >> 1] >> 4] * scale);
     }
-    if (pairs_end < end) store<T>(output, pairs_end, codebook[packed[pairs_end >> 1] >> 4] * scale);
-  }
+  });
 }
 
 }  // namespace
@@ -236,6 +246,54 @@ void dequantize_4bit(const uint8_t* packed, const float* absmax, const float* co
     default:
       return dequantize_all<FloatType::kFloat32>(packed, absmax, codebook, n, blocksize, output);
   }
+}
+
+// The 8-bit ops code absmax constants (1/64 of a weight: 262K values for 4096x4096, well under
+// a millisecond on one core), so chunks are 1M values: one thread unless the input is huge. A
+// parallel region for such short work risks waiting a whole timeslice for a descheduled thread.
+inline int64_t small_8bit_chunk(int64_t blocksize) { return blocksize >= (1 << 20) ? 1 : (1 << 20) / blocksize; }
+
+void quantize_blockwise_8bit(const float* input, int64_t n, int64_t blocksize, const int64_t* table, uint8_t* codes,
+                             float* absmax) {
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  parallel_for(quantize_8bit_site, blocks, small_8bit_chunk(blocksize), [&](int64_t first, int64_t last) {
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t start = block * blocksize;
+      const int64_t end = start + blocksize < n ? start + blocksize : n;
+      float maximum = 0.0f;
+      bool has_nan = false;
+      for (int64_t i = start; i < end; ++i) {
+        const float magnitude = std::fabs(input[i]);
+        has_nan |= magnitude != magnitude;
+        maximum = magnitude > maximum ? magnitude : maximum;
+      }
+      if (has_nan) maximum = NAN;
+      absmax[block] = maximum;
+      // The reference's where(absmax > 0, 1 / absmax, 0): a NaN block scales by 0 as well.
+      const float inverse = maximum > 0.0f ? 1.0f / maximum : 0.0f;
+      for (int64_t i = start; i < end; ++i) {
+        if (maximum == 0.0f) {
+          codes[i] = 0;
+          continue;
+        }
+        float scaled = input[i] * inverse;
+        scaled = scaled < -1.0f ? -1.0f : (scaled > 1.0f ? 1.0f : scaled);  // keeps NaN, as torch.clamp
+        const float half = (scaled + 1.0f) * 0.5f;
+        // One rounding of the exact product-plus-half, as the reference's float64 detour (an FMA).
+        const float fused = static_cast<float>(static_cast<double>(half) * 65535.0 + 0.5);
+        // x86 truncation of NaN gives INT64_MIN, whose low 16 bits are 0 (what torch computes).
+        const int64_t grid = fused == fused ? static_cast<int64_t>(fused) & 0xFFFF : 0;
+        codes[i] = static_cast<uint8_t>(table[grid]);
+      }
+    }
+  });
+}
+
+void dequantize_blockwise_8bit(const uint8_t* codes, const float* absmax, const float* code, int64_t n,
+                               int64_t blocksize, float* output) {
+  parallel_for(dequantize_8bit_site, n, small_8bit_chunk(1), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) output[i] = code[codes[i]] * absmax[i / blocksize];
+  });
 }
 
 }  // namespace cpu

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "lightning_qlora/element.h"
+#include "parallel.h"
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -76,6 +77,11 @@ constexpr Avx512Rows kAvx512ByRows[kMaxFusedRows + 1] = {
     gemv_rows_avx512<5>, gemv_rows_avx512<6>, gemv_rows_avx512<7>, gemv_rows_avx512<8>};
 #endif
 
+// Output rows per chunk: ~64K weight elements (32 KB of codes), 256 chunks for 4096x4096.
+inline int64_t rows_per_chunk(int64_t in_features) { return in_features >= 65536 ? 1 : 65536 / in_features; }
+
+LoopSite gemv_site, weight_tile_site;
+
 }  // namespace
 
 void gemv_4bit(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, const float* codebook,
@@ -97,19 +103,15 @@ void gemv_4bit(const float* x, int64_t rows, const uint8_t* packed, const float*
         }
     const Avx512Rows kernel = kAvx512ByRows[rows];
     // Dynamic chunks: if one core is busy with another process, the other takes over its rows.
-#pragma omp parallel for schedule(dynamic, 4)
-    for (int64_t o = 0; o < out_features; o += 16) {
-      const int64_t end = o + 16 < out_features ? o + 16 : out_features;
-      kernel(shuffled.data(), packed, absmax, codebook, o, end, out_features, in_features, blocksize, y);
-    }
+    parallel_for(gemv_site, out_features, rows_per_chunk(in_features), [&](int64_t begin, int64_t end) {
+      kernel(shuffled.data(), packed, absmax, codebook, begin, end, out_features, in_features, blocksize, y);
+    });
     return;
   }
 #endif
-#pragma omp parallel for schedule(dynamic, 4)
-  for (int64_t o = 0; o < out_features; o += 16) {
-    const int64_t end = o + 16 < out_features ? o + 16 : out_features;
-    gemv_rows_scalar(x, rows, packed, absmax, codebook, o, end, out_features, in_features, blocksize, y);
-  }
+  parallel_for(gemv_site, out_features, rows_per_chunk(in_features), [&](int64_t begin, int64_t end) {
+    gemv_rows_scalar(x, rows, packed, absmax, codebook, begin, end, out_features, in_features, blocksize, y);
+  });
 }
 
 void dequantize_range_4bit(const uint8_t* packed, const float* absmax, const float* codebook, int64_t blocksize,
@@ -117,16 +119,18 @@ void dequantize_range_4bit(const uint8_t* packed, const float* absmax, const flo
   const int64_t end = start + count;
   const int64_t first_block = start / blocksize;
   const int64_t last_block = (end + blocksize - 1) / blocksize;
-#pragma omp parallel for schedule(dynamic, 16)
-  for (int64_t block = first_block; block < last_block; ++block) {
-    const int64_t begin = block * blocksize > start ? block * blocksize : start;
-    const int64_t stop = (block + 1) * blocksize < end ? (block + 1) * blocksize : end;
-    const float scale = absmax[block];
-    for (int64_t i = begin; i < stop; ++i) {
-      const int shift = (i & 1) ? 0 : 4;  // the even element sits in the high nibble
-      out[i - start] = codebook[(packed[i >> 1] >> shift) & 0x0F] * scale;
+  const int64_t grain = blocksize >= 32768 ? 1 : 32768 / blocksize;
+  parallel_for(weight_tile_site, last_block - first_block, grain, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t block = first_block + chunk_begin; block < first_block + chunk_end; ++block) {
+      const int64_t begin = block * blocksize > start ? block * blocksize : start;
+      const int64_t stop = (block + 1) * blocksize < end ? (block + 1) * blocksize : end;
+      const float scale = absmax[block];
+      for (int64_t i = begin; i < stop; ++i) {
+        const int shift = (i & 1) ? 0 : 4;  // the even element sits in the high nibble
+        out[i - start] = codebook[(packed[i >> 1] >> shift) & 0x0F] * scale;
+      }
     }
-  }
+  });
 }
 
 }  // namespace cpu

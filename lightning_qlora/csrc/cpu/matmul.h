@@ -7,8 +7,15 @@
 namespace lightning_qlora {
 namespace cpu {
 
-// Largest batch the fused GEMV handles in registers; bigger batches use tiled dequantize + GEMM.
+// Rows the fused GEMV handles in registers per pass over the codes.
 constexpr int64_t kMaxFusedRows = 8;
+
+// Largest batch linear_4bit multiplies with the fused kernel (in passes of kMaxFusedRows rows);
+// bigger batches use tiled dequantize + GEMM. Measured with python -m lightning_qlora.bench
+// kernels (the crossover table): the fused kernel won at every batch up to 100 rows on SmolLM2's
+// and 4096x4096 shapes on the busy 2-core dev box; 64 leaves a margin for MKL's GEMM, whose
+// advantage grows with the batch on an idle machine. Keep in sync with quantization/linear.py.
+constexpr int64_t kFusedBatchLimit = 64;
 
 // y[r, o] = sum_k x[r, k] * W[o, k] for r < rows <= kMaxFusedRows, W of shape (out, in) stored
 // as 4-bit codes over the FLAT weight (codebook[q] * absmax[flat / blocksize]); W is decoded in
