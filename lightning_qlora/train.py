@@ -89,7 +89,7 @@ def _resumed_logger_kwargs(node: DictConfig, ckpt_path: str | None, run_dir: Pat
         return {}
     if target.endswith("TensorBoardLogger"):
         step = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("global_step", 0)
-        return {"purge_step": int(step) + 1}
+        return {"purge_step": int(step)}  # steps are logged 0-based: the resumed run logs from `step` on
     if target.endswith("WandbLogger"):
         latest = Path(str(node.get("save_dir") or run_dir)) / "wandb" / "latest-run"
         if latest.exists():  # run-<time>-<id> or offline-run-<time>-<id>

@@ -4,6 +4,7 @@ with the run's metrics history (logs/metrics.csv) continued, and predictions wri
 from __future__ import annotations
 
 import csv
+import struct
 import json
 import warnings
 from pathlib import Path
@@ -70,3 +71,33 @@ def test_predictions_jsonl_has_both_answers_for_every_example(tmp_path):
         assert isinstance(record["base_answer"], str) and isinstance(record["tuned_answer"], str)
     assert sum(r["tuned_answer"] == r["expected"] for r in records) == round(6 * results["after"]["exact_match"])
     assert "predictions.jsonl" in results["files"] and "adapter/" in results["files"]
+
+
+def _tensorboard_steps(directory: Path, tag: str) -> list[int]:
+    """Steps of scalar ``tag`` in every event file of ``directory`` (TFRecord framing, tensorboardX's protos)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    steps = []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4  # length, its CRC, the record, its CRC
+            steps += [event.step for value in event.summary.value if value.tag == tag]
+    return steps
+
+
+def test_tensorboard_and_wandb_continue_the_run_on_resume(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    board, wandb_dir = tmp_path / "tb", tmp_path / "wandb"
+    run(_compose([*QUIET, "logger=tensorboard", "trainer.max_steps=4"], board))
+    run(_compose([*QUIET, "logger=tensorboard", "trainer.max_steps=6", "ckpt_path=last"], board))
+    # two event files, one history: steps 0..5 (Lightning logs 0-based), none twice
+    assert len(list((board / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert sorted(_tensorboard_steps(board / "tensorboard", "train/loss")) == list(range(6))
+
+    run(_compose([*QUIET, "logger=wandb", "trainer.max_steps=2"], wandb_dir))
+    (first,) = (wandb_dir / "wandb").glob("offline-run-*")
+    run(_compose([*QUIET, "logger=wandb", "trainer.max_steps=3", "ckpt_path=last"], wandb_dir))
+    assert list((wandb_dir / "wandb").glob("offline-run-*")) == [first]  # the same run (same id) continued

@@ -34,6 +34,7 @@ FILE_ROLES = {
     "wandb/": "W&B offline run (wandb sync <run dir>/wandb/offline-run-*)",
     "optimizer_pages/": "the paged optimizer's state pages",
     ".hydra/": "the composed config and overrides of this run",
+    "train.log": "the run's log messages (Hydra's job log)",
 }
 
 
@@ -57,7 +58,9 @@ def write_predictions(path: Path, examples: Sequence[InstructionExample], base: 
 
 def list_run_files(run_dir: Path, also: Sequence[str] = ()) -> list[str]:
     """Top-level entries of the run dir (folders with a trailing ``/``) and ``also``, the known ones first."""
-    names = {p.name + "/" if p.is_dir() else p.name for p in run_dir.iterdir()} | set(also)
+    # hidden entries are the atomic writers' lock files; .hydra/ is the one a user needs
+    names = {p.name + "/" if p.is_dir() else p.name for p in run_dir.iterdir()
+             if not p.name.startswith(".") or p.name == ".hydra"} | set(also)  # fmt: skip
     order = list(FILE_ROLES)
     return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
 
@@ -66,7 +69,7 @@ def _size(path: Path) -> str:
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
     total = sum(p.stat().st_size for p in files)
     size = f"{total / 1e6:.2f} MB" if total >= 1e5 else f"{total / 1e3:.1f} kB"
-    return f"{len(files)} files, {size}" if path.is_dir() else size
+    return f"{len(files)} file{'s' if len(files) != 1 else ''}, {size}" if path.is_dir() else size
 
 
 def _print_predictions(console: Console, records: Sequence[dict[str, Any]], shown: int) -> None:

@@ -131,6 +131,8 @@ class ResumableDataLoader(DataLoader):
                 f"the checkpoint's data position batches={batches} is outside this loader's {len(self)} batches "
                 "per epoch: resume with the data files and batch_size the checkpoint was trained with."
             )
+        if batches == len(self):  # every batch of epoch `epoch` was trained on: the next pass is the next epoch
+            epoch, batches = epoch + 1, 0
         self._set_epoch(epoch)
         self._skip = batches
 

@@ -101,6 +101,9 @@ def test_epoch_end_state_points_at_the_next_epoch():
     iterator = iter(loader)
     next(iterator), next(iterator)  # every batch handed out; the pass has not been closed by StopIteration
     assert loader.state_dict() == {"epoch": 1, "batches": 0}
+    again = ResumableDataLoader(list(range(6)), batch_size=3, sampler=SeededShuffleSampler(6, seed=0))
+    again.load_state_dict({"epoch": 0, "batches": 2})  # as written by a loader that never got StopIteration
+    assert again.epoch == 1 and len(list(again)) == 2
 
 
 def test_bad_loader_state_is_a_typed_error():
