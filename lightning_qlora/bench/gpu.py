@@ -142,11 +142,11 @@ def build_step(dry_run: bool) -> dict[str, Any]:
         result["cuda"] = {"skipped": "torch.cuda.is_available() is False" + (" (dry run)" if dry_run else "")}
         return result
     result["cuda"] = {**_timed_build("cuda"), **_first_call("cuda")}
-    from lightning_qlora.optim.stores.cuda_managed import managed_memory_library
+    from lightning_qlora.optim.stores.cuda_managed import managed_memory_ops
 
     start = time.perf_counter()
     try:
-        managed_memory_library()
+        managed_memory_ops()
         result["paged_memory_library"] = {"build_s": round(time.perf_counter() - start, 2)}
     except Exception as error:  # noqa: BLE001 -- recorded; the paged tests will show the consequence
         result["paged_memory_library"] = {"error": repr(error)}

@@ -55,7 +55,7 @@ EXTENSIONS: dict[str, dict[str, Any]] = {
         "ldflags": ["-pthread"],
     },
     "lightning_qlora_cuda": {
-        "sources": ["cuda/bindings.cpp", "cuda/kernels.cu", "cuda/linear.cu", "cuda/bgmv.cu"],
+        "sources": ["cuda/bindings.cpp", "cuda/kernels.cu", "cuda/linear.cu", "cuda/bgmv.cu", "cuda/paged_memory.cu"],
         "includes": ["include", "cuda"],
         "cflags": ["-O3"],
         "cuda_cflags": ["-O3", "-fmad=false"],  # no fused multiply-adds: the CPU build (and tests) use none

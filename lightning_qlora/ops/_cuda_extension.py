@@ -107,8 +107,12 @@ def _bgmv_cuda(x: torch.Tensor, pool: torch.Tensor, a_rows: torch.Tensor, b_rows
     if extension is None:
         return reference.bgmv(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
     check_bgmv_args(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
+    x, pool, a_rows, b_rows = x.contiguous(), pool.contiguous(), a_rows.contiguous(), b_rows.contiguous()
+    ranks, scales, indices = ranks.contiguous(), scales.contiguous(), indices.contiguous()
+    y = x.new_empty((x.shape[0], out_features))  # the caller allocates y, as for the CPU kernel
     with torch.cuda.device(x.device):
-        return extension.bgmv(x, pool, a_rows, b_rows, ranks, scales, indices, out_features, _stream(x))
+        extension.bgmv(x, pool, a_rows, b_rows, ranks, scales, indices, y, _stream(x))
+    return y
 
 
 torch.library.register_kernel(qualified_name("quantize_4bit"), "cuda", _quantize_4bit_cuda)

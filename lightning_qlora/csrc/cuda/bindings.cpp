@@ -1,4 +1,4 @@
-// Python bindings of the CUDA kernels: the only CUDA-side file that sees torch. It checks what
+// Python bindings of the CUDA kernels and managed memory: the only CUDA-side file that sees torch. It checks what
 // would corrupt memory, takes raw pointers, and calls the launchers of csrc/cuda/*.cu on the
 // stream Python passes in (torch.cuda.current_stream().cuda_stream; Python also selects the
 // device). Only torch's device-independent headers are used, so this file compiles against
@@ -134,22 +134,48 @@ at::Tensor linear_4bit_input_grad(const at::Tensor& grad, const at::Tensor& pack
 }
 
 // Batched heterogeneous LoRA (lightning_qlora/bgmv.h): y[b] = scale_s * B_s (A_s x[b]), s = indices[b].
-at::Tensor bgmv(const at::Tensor& x, const at::Tensor& pool, const at::Tensor& a_rows, const at::Tensor& b_rows,
-                const at::Tensor& ranks, const at::Tensor& scales, const at::Tensor& indices, int64_t out_features,
-                int64_t stream) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.scalar_type() == at::kFloat, "bgmv takes float32 (rows, in) on CUDA");
-  TORCH_CHECK(a_rows.dim() == 2 && b_rows.sizes() == a_rows.sizes(), "bgmv row tables must be (slots, max_rank)");
-  auto xs = x.contiguous();
-  auto pages = pool.contiguous();
-  auto a = a_rows.contiguous(), b = b_rows.contiguous(), r = ranks.contiguous(), s = scales.contiguous();
-  auto index = indices.contiguous();
-  auto y = at::empty({xs.size(0), out_features}, xs.options());
-  check_launch(lqc::launch_bgmv(xs.data_ptr<float>(), xs.size(0), xs.size(1), out_features, pages.data_ptr<float>(),
-                                a.data_ptr<int64_t>(), b.data_ptr<int64_t>(), r.data_ptr<int64_t>(),
-                                s.data_ptr<float>(), a.size(1), index.data_ptr<int64_t>(), y.data_ptr<float>(),
-                                as_stream(stream)),
+// The caller allocates y (rows, out_features), as for the CPU binding; Python validated the tables.
+void bgmv(const at::Tensor& x, const at::Tensor& pool, const at::Tensor& a_rows, const at::Tensor& b_rows,
+          const at::Tensor& ranks, const at::Tensor& scales, const at::Tensor& indices, at::Tensor& y, int64_t stream) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "bgmv: x must be contiguous float32 (rows, in) on CUDA");
+  TORCH_CHECK(pool.is_cuda() && pool.scalar_type() == at::kFloat && pool.is_contiguous(),
+              "bgmv: pool must be contiguous float32 on CUDA");
+  TORCH_CHECK(a_rows.dim() == 2 && b_rows.sizes() == a_rows.sizes() && a_rows.is_contiguous() && b_rows.is_contiguous(),
+              "bgmv: row tables must be contiguous (slots, max_rank)");
+  TORCH_CHECK(y.is_cuda() && y.scalar_type() == at::kFloat && y.dim() == 2 && y.size(0) == x.size(0) && y.is_contiguous(),
+              "bgmv: y must be contiguous float32 (rows, out) on CUDA");
+  check_launch(lqc::launch_bgmv(x.data_ptr<float>(), x.size(0), x.size(1), y.size(1), pool.data_ptr<float>(),
+                                a_rows.data_ptr<int64_t>(), b_rows.data_ptr<int64_t>(), ranks.data_ptr<int64_t>(),
+                                scales.data_ptr<float>(), a_rows.size(1), indices.data_ptr<int64_t>(),
+                                y.data_ptr<float>(), as_stream(stream)),
                "bgmv");
-  return y;
+}
+
+// Managed memory for the paged optimizers (paged_memory.cu). Pointers cross to Python as
+// integers; a CUDA failure raises RuntimeError with CUDA's message, which
+// optim/stores/cuda_managed.py turns into a typed PageStoreSetupError.
+int64_t managed_alloc(int64_t nbytes, int64_t device) {
+  TORCH_CHECK(nbytes > 0, "managed_alloc: nbytes must be positive, got ", nbytes);
+  void* ptr = nullptr;
+  check_launch(lqc::managed_alloc(&ptr, static_cast<size_t>(nbytes), static_cast<int>(device)), "cudaMallocManaged");
+  return static_cast<int64_t>(reinterpret_cast<intptr_t>(ptr));
+}
+
+void managed_free(int64_t ptr) {
+  check_launch(lqc::managed_free(reinterpret_cast<void*>(static_cast<intptr_t>(ptr))), "cudaFree of managed memory");
+}
+
+void managed_prefetch(int64_t ptr, int64_t nbytes, int64_t device, int64_t stream) {
+  check_launch(lqc::managed_prefetch(reinterpret_cast<void*>(static_cast<intptr_t>(ptr)), static_cast<size_t>(nbytes),
+                                     static_cast<int>(device), as_stream(stream)),
+               device < 0 ? "cudaMemPrefetchAsync to the host" : "cudaMemPrefetchAsync to the GPU");
+}
+
+std::tuple<int64_t, int64_t> device_memory_info() {
+  size_t free_bytes = 0, total_bytes = 0;
+  check_launch(lqc::device_memory_info(&free_bytes, &total_bytes), "cudaMemGetInfo");
+  return {static_cast<int64_t>(free_bytes), static_cast<int64_t>(total_bytes)};
 }
 
 }  // namespace
@@ -160,5 +186,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_4bit", &dequantize_4bit, "blockwise 4-bit dequantization");
   m.def("linear_4bit", &linear_4bit, "x @ W^T with a 4-bit weight");
   m.def("linear_4bit_input_grad", &linear_4bit_input_grad, "grad @ W with a 4-bit weight");
-  m.def("bgmv", &bgmv, "batched heterogeneous LoRA");
+  m.def("bgmv", &bgmv, "batched heterogeneous LoRA into a caller-allocated y");
+  m.def("managed_alloc", &managed_alloc, "zero-filled CUDA managed memory preferring the host; returns its address");
+  m.def("managed_free", &managed_free, "free managed memory");
+  m.def("managed_prefetch", &managed_prefetch, "migrate a managed range to a GPU (device >= 0) or the host (-1)");
+  m.def("device_memory_info", &device_memory_info, "(free, total) bytes of the current device");
+  m.attr("HOST_DEVICE") = lqc::kHostDevice;
 }

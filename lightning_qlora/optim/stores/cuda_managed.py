@@ -4,22 +4,17 @@ Regions come from ``cudaMallocManaged`` with the host as preferred location; the
 migrates pages on demand, so state larger than free GPU memory does not stop training.
 :meth:`prefetch` migrates the next page to the GPU on a side stream while the current one is
 updated (``cudaMemPrefetchAsync``), and pages evicted past ``budget_bytes`` are prefetched
-back to the host. The CUDA side is ``csrc/cuda/paged_memory.cu`` (raw pointers, no torch
-headers), built on first use with ``nvcc`` into a shared library loaded through ``ctypes``.
+back to the host. The CUDA side is ``csrc/cuda/paged_memory.cu``, part of the same compiled
+extension as the CUDA kernels (``lightning_qlora.ops._build`` builds it on first use; its
+bindings are in ``csrc/cuda/bindings.cpp``).
 
 **Not run here**: the build machines have no GPU, so this store is compile-checked
-(``nvcc`` for sm_80/sm_90) but untested. Choosing it without CUDA raises
+(``make cuda-check``) but untested. Choosing it without CUDA raises
 :class:`~lightning_qlora.optim.errors.PageStoreUnavailableError`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import os
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,40 +23,25 @@ from typing_extensions import override
 from lightning_qlora.optim.errors import PageStoreSetupError, PageStoreUnavailableError
 from lightning_qlora.optim.stores.base import Extent, PageStore, format_bytes
 
-SOURCE = Path(__file__).resolve().parents[3] / "csrc" / "cuda" / "paged_memory.cu"
-_HOST = -1  # the .cu's device ordinal for "the host"
 
-
-@functools.cache
-def managed_memory_library() -> ctypes.CDLL:
-    """Build (once, cached next to the torch extensions) and load ``paged_memory.cu``."""
+def managed_memory_ops() -> Any:
+    """The compiled CUDA extension, whose ``managed_*`` functions this store calls (built on first use)."""
     if not torch.cuda.is_available():
         raise PageStoreUnavailableError(
             "CudaManagedPageStore needs a CUDA device and a CUDA build of torch; none is available. "
             "On CPU use MmapPageStore (disk pages with a resident budget) or HostPageStore."
         )
-    nvcc = os.environ.get("NVCC") or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    if not SOURCE.is_file() or not Path(nvcc).exists():
+    from lightning_qlora.ops._build import build_error
+    from lightning_qlora.ops._cuda_extension import cuda_extension
+
+    extension = cuda_extension()
+    if extension is None:
         raise PageStoreUnavailableError(
-            f"CudaManagedPageStore needs {SOURCE} and nvcc (looked for {nvcc!r}; set $NVCC) to build its library."
+            "CudaManagedPageStore needs the compiled CUDA extension (csrc/cuda, built with nvcc on first use), and "
+            f"it is not available: {build_error(cuda_extension.name) or 'the build did not run'}. "
+            "Install nvcc matching torch's CUDA version (or set $CUDA_HOME), or use HostPageStore."
         )
-    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    library = cache / "lightning_qlora_paged_memory" / f"libpaged_memory_{int(SOURCE.stat().st_mtime)}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        major, minor = torch.cuda.get_device_capability()
-        command = [nvcc, "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC",
-                   f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}", str(SOURCE), "-o", str(library)]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise PageStoreUnavailableError(f"building {SOURCE.name} failed:\n{result.stderr[-2000:]}")
-    lib = ctypes.CDLL(str(library))
-    lib.lq_managed_alloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_int]
-    lib.lq_managed_free.argtypes = [ctypes.c_void_p]
-    lib.lq_prefetch.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-    lib.lq_mem_info.argtypes = [ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
-    lib.lq_error_string.restype = ctypes.c_char_p
-    return lib
+    return extension
 
 
 class _ManagedBuffer:
@@ -85,7 +65,7 @@ class CudaManagedPageStore(PageStore):
 
     def __init__(self, device: torch.device | str = "cuda", budget_bytes: int | None = None) -> None:
         super().__init__(budget_bytes)
-        self._lib = managed_memory_library()
+        self._ops = managed_memory_ops()
         self._device = torch.device(device)
         if self._device.type != "cuda":
             raise PageStoreUnavailableError(f"CudaManagedPageStore updates on a CUDA device, got {self._device}.")
@@ -101,17 +81,18 @@ class CudaManagedPageStore(PageStore):
     def device(self) -> torch.device:
         return self._device
 
-    def _check(self, status: int, what: str) -> None:
-        if status != 0:
-            message = self._lib.lq_error_string(status).decode()
-            raise PageStoreSetupError(f"{what} failed: CUDA error {status} ({message}).")
+    @staticmethod
+    def _call(what: str, function: Any, *args: int) -> Any:
+        try:
+            return function(*args)
+        except RuntimeError as error:  # the binding's TORCH_CHECK carries CUDA's own message
+            raise PageStoreSetupError(f"{what} failed: {error}") from error
 
     @override
     def _reserve(self, nbytes: int) -> int:
-        pointer = ctypes.c_void_p()
-        status = self._lib.lq_managed_alloc(ctypes.byref(pointer), nbytes, self._device.index)
-        self._check(status, f"cudaMallocManaged of {format_bytes(nbytes)} for optimizer pages")
-        buffer = _ManagedBuffer(int(pointer.value or 0), nbytes)
+        pointer = self._call(f"cudaMallocManaged of {format_bytes(nbytes)} for optimizer pages", self._ops.managed_alloc,
+                             nbytes, self._device.index)  # fmt: skip
+        buffer = _ManagedBuffer(int(pointer), nbytes)
         self._buffers.append(buffer)
         self._tensors.append(torch.as_tensor(buffer, device=self._device))
         return len(self._buffers) - 1
@@ -122,9 +103,8 @@ class CudaManagedPageStore(PageStore):
     @override
     def _start_prefetch(self, extent: Extent) -> None:
         self._stream.wait_stream(torch.cuda.current_stream(self._device))
-        status = self._lib.lq_prefetch(self._pointer(extent), self._span(extent), self._device.index,
-                                       self._stream.cuda_stream)  # fmt: skip
-        self._check(status, "cudaMemPrefetchAsync to the GPU")
+        self._call("cudaMemPrefetchAsync to the GPU", self._ops.managed_prefetch, self._pointer(extent),
+                   self._span(extent), self._device.index, self._stream.cuda_stream)  # fmt: skip
         event = torch.cuda.Event()
         event.record(self._stream)
         self._ready[(extent.region, extent.offset)] = event
@@ -141,17 +121,20 @@ class CudaManagedPageStore(PageStore):
     def _drop(self, extent: Extent) -> None:
         self._ready.pop((extent.region, extent.offset), None)
         stream = torch.cuda.current_stream(self._device).cuda_stream
-        self._check(self._lib.lq_prefetch(self._pointer(extent), self._span(extent), _HOST, stream),
-                    "cudaMemPrefetchAsync back to the host")  # fmt: skip
+        self._call("cudaMemPrefetchAsync back to the host", self._ops.managed_prefetch, self._pointer(extent),
+                   self._span(extent), self._ops.HOST_DEVICE, stream)  # fmt: skip
 
     @override
     def synchronize(self) -> None:
         torch.cuda.synchronize(self._device)
 
     def __del__(self) -> None:
-        lib = getattr(self, "_lib", None)
-        if lib is None:
+        ops = getattr(self, "_ops", None)
+        if ops is None:
             return
         self._tensors.clear()
         for buffer in getattr(self, "_buffers", []):
-            lib.lq_managed_free(buffer.pointer)
+            try:
+                ops.managed_free(buffer.pointer)
+            except RuntimeError:  # at interpreter exit the CUDA context may be gone already
+                pass
