@@ -61,12 +61,14 @@ def _status_kb_meminfo(field: str) -> int:
 # -- workers (each runs in its own process) ---------------------------------------------
 
 
-def _worker_ours(directory: str, steps: int, tokens: int, new_tokens: int) -> dict:
+def _worker_ours(directory: str, steps: int, tokens: int, new_tokens: int, limit_retention: bool) -> dict:
     import torch
 
     from lightning_qlora.adapters import LoRAConfig, adapter_param_groups, inject_adapters
+    from lightning_qlora.host_memory import limit_allocator_retention
     from lightning_qlora.models import load_causal_lm
 
+    retention_limited = limit_allocator_retention() if limit_retention else False
     torch.manual_seed(0)
     _reset_peak()
     before = _status_kb("VmRSS")
@@ -95,7 +97,8 @@ def _worker_ours(directory: str, steps: int, tokens: int, new_tokens: int) -> di
     with torch.no_grad():
         out = model.generate(batch[:, :8], max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
                              pad_token_id=0)  # fmt: skip
-    result.update(generate_s=time.perf_counter() - start, generated=out.shape[1] - 8)
+    result.update(generate_s=time.perf_counter() - start, generated=out.shape[1] - 8,
+                  retention_limited=retention_limited)  # fmt: skip
     return result
 
 
@@ -168,7 +171,8 @@ def _table(checkpoint: dict, ours: dict, bnb: dict) -> str:
         ("load wall time", cell(ours, "load_s", "{:.0f} s"), cell(bnb, "load_s", "{:.0f} s")),
         ("peak RSS while loading", cell(ours, "load_peak_gb", "{:.2f} GiB"), cell(bnb, "load_peak_gb", "{:.2f} GiB")),
         ("RSS after loading", cell(ours, "after_load_gb", "{:.2f} GiB"), ""),
-        ("peak RSS during 3 LoRA steps", cell(ours, "train_peak_gb", "{:.2f} GiB"), ""),
+        ("peak RSS during 3 LoRA steps", cell(ours, "train_peak_gb", "{:.2f} GiB")
+         + (" (allocator retention limited)" if ours.get("retention_limited") else ""), ""),
         ("LoRA step (1 x 64 tokens), median",
          f"{sorted(ours['step_s'])[len(ours['step_s']) // 2]:.1f} s" if "step_s" in ours else "–", ""),
         ("8 greedy tokens", cell(ours, "generate_s", "{:.1f} s"), ""),
@@ -186,6 +190,9 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="a ~0.3B model instead of 7B (smoke test)")
     parser.add_argument("--skip-bnb", action="store_true", help="skip the transformers + bitsandbytes side")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint")
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="leave glibc's allocator as it is (by default the worker calls "
+                             "lightning_qlora.host_memory.limit_allocator_retention())")  # fmt: skip
     parser.add_argument("--rss-cap-gb", type=float, default=14.0, help="kill a worker whose RSS passes this")
     parser.add_argument("--min-available-gb", type=float, default=16.0, help="refuse to start with less available")
     args = parser.parse_args()
@@ -208,7 +215,8 @@ def main() -> None:
         checkpoint = {"params": size / 2, "gb": size / 1e9, "shards": len(shards),
                       "write_s": time.perf_counter() - start}  # fmt: skip
         print(f"checkpoint: {checkpoint}", flush=True)
-        ours = _run_worker(["--worker", "ours", str(directory)], args.rss_cap_gb, 3600)
+        worker = ["--worker", "ours", str(directory)] + (["--glibc-default"] if args.glibc_default else [])
+        ours = _run_worker(worker, args.rss_cap_gb, 3600)
         print(f"lightning_qlora: {ours}", flush=True)
         bnb = {"error": "skipped"}
         if not args.skip_bnb:
@@ -226,7 +234,8 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--worker":
         kind, directory = sys.argv[2], sys.argv[3]
-        result = _worker_ours(directory, 3, 64, 8) if kind == "ours" else _worker_bnb(directory)
+        limit = "--glibc-default" not in sys.argv
+        result = _worker_ours(directory, 3, 64, 8, limit) if kind == "ours" else _worker_bnb(directory)
         print(json.dumps(result), flush=True)
     else:
         main()
