@@ -75,6 +75,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def run_clients(client, workload: list[list[tuple[str, str, int]]]) -> float:
+    """One thread per client, all started together; the wall seconds until the last one finishes."""
+    threads = [threading.Thread(target=client, args=(requests_of_client,)) for requests_of_client in workload]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start
+
+
 def drive_http_clients(url: str, workload: list[list[tuple[str, str, int]]], pool_stats: bool) -> dict:
     """Run the workload's clients against an OpenAI-compatible server at ``url`` (ours or a peer's).
 
@@ -115,13 +126,7 @@ def drive_http_clients(url: str, workload: list[list[tuple[str, str, int]]], poo
     watcher = threading.Thread(target=monitor) if pool_stats else None
     if watcher is not None:
         watcher.start()
-    threads = [threading.Thread(target=client, args=(w,)) for w in workload]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = run_clients(client, workload)
     done.set()
     result = {"wall": wall, "tokens": tokens[0], "latencies": latencies}
     if watcher is not None:
@@ -195,13 +200,7 @@ def run_engine_in_process(float_model, tokenizer, adapters_dir: Path, workload, 
     try:
         for adapter in sorted({a for w in workload for a, _, _ in w}):  # warm: adapters loaded before timing
             list(engine.submit("hi", adapter, SamplingParams(max_tokens=1)))
-        threads = [threading.Thread(target=client, args=(w,)) for w in workload]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - start
+        wall = run_clients(client, workload)
     finally:
         engine.stop()
     return {"wall": wall, "tokens": tokens[0], "latencies": latencies}
