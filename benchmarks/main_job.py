@@ -23,6 +23,10 @@ to train correctly; ours needs nothing (``tests/quantization/test_eval_then_trai
 
 Prints one line per arm and round, then a table of medians and the ratios against ``ours``;
 ``--json PATH`` writes everything.
+
+``--step-ab N`` instead times N training steps of ours per variant in one process, interleaved (so
+a noisy machine affects every variant alike): fp32 compute vs bf16 autocast, and our fused LoRA
+update vs the plain composition (``nn.Dropout`` + two ``F.linear`` + scale, what it replaced).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ def run_ours(args: argparse.Namespace, quant: str) -> dict[str, Any]:
     import torch
     from hydra import compose, initialize_config_dir
 
+    from lightning_qlora.plugins.compute_dtype import measured_compute_dtypes
     from lightning_qlora.train import CONFIG_DIR, run
 
     torch.set_float32_matmul_precision("high")  # as the console entry point does
@@ -63,11 +68,13 @@ def run_ours(args: argparse.Namespace, quant: str) -> dict[str, Any]:
                      f"quant={quant}", f"run_dir={run_dir}", "callbacks=none", "logger=csv", "save_adapter=false",
                      "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]  # fmt: skip
         cfg = compose("train", overrides=overrides)
-        from lightning_qlora.plugins.compute_dtype import measured_compute_dtypes
-
         results = run(cfg)
+    from lightning_qlora.ops import backend
+
+    dtypes = measured_compute_dtypes()
+    chosen = ", ".join(str(v["chosen"]) for v in dtypes.values()) or cfg.compute_dtype
     return {"train_seconds": results["train_seconds"], "before": results["before"], "after": results["after"],
-            "compute_dtype": cfg.compute_dtype, "measured_dtypes": measured_compute_dtypes()}  # fmt: skip
+            "compute_dtype": chosen, "measured_dtypes": dtypes, "kernels": backend()}  # fmt: skip
 
 
 def _restore_bnb_training_layout(model: Any) -> int:
@@ -145,6 +152,70 @@ def run_peft(args: argparse.Namespace) -> dict[str, Any]:
             "bnb_layers_restored_for_training": restored}  # fmt: skip
 
 
+def _plain_lora_delta(layer: Any, x: Any, base_out: Any) -> Any:
+    """The LoRA update as it was before the fused op: ``nn.Dropout``, two ``F.linear``, then the scale."""
+    import torch
+
+    dropped = torch.nn.functional.dropout(x, layer.config.dropout, layer.training)
+    linear = torch.nn.functional.linear
+    return linear(linear(dropped, layer.lora_A.to(x.dtype)), layer.lora_B.to(x.dtype)) * layer.scaling
+
+
+def step_ab(args: argparse.Namespace) -> dict[str, Any]:
+    """Median seconds of one main-job training step per variant, interleaved in one process."""
+    import contextlib
+
+    import torch
+
+    from lightning_qlora.adapters import LoRAConfig
+    from lightning_qlora.adapters.lora import LoRALayer
+    from lightning_qlora.data import InstructionDataModule, task_paths
+    from lightning_qlora.models import load_smollm2
+    from lightning_qlora.plugins import FabricNF4Precision
+    from lightning_qlora.plugins.compute_dtype import measured_compute_dtypes
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_smollm2()
+    plugin = FabricNF4Precision(mode="nf4-dq", adapter=LoRAConfig(r=16, alpha=32.0, dropout=0.05))
+    plugin.convert_module(model)
+    model.train()
+    data = InstructionDataModule(tokenizer, **task_paths("iso_dates"), batch_size=8, max_length=64, system_prompt="",
+                                 seed=args.seed)  # fmt: skip
+    data.setup("fit")
+    batches = list(zip(range(args.step_ab + 1), data.train_dataloader()))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    fused_delta = LoRALayer.delta
+    variants = {
+        "fp32, fused LoRA": (contextlib.nullcontext, fused_delta),
+        "fp32, plain LoRA": (contextlib.nullcontext, _plain_lora_delta),
+        "bf16 autocast, fused LoRA": (lambda: torch.autocast("cpu", dtype=torch.bfloat16), fused_delta),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        for index, (_, batch) in enumerate(batches):
+            for name, (context, delta) in variants.items():
+                LoRALayer.delta = delta
+                start = time.perf_counter()
+                with context():
+                    loss = model(**batch).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if index > 0:  # the first round warms up every variant
+                    times[name].append(time.perf_counter() - start)
+    finally:
+        LoRALayer.delta = fused_delta
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    reference = medians["fp32, fused LoRA"]
+    for name, seconds in medians.items():
+        print(f"{name:28s}: {seconds:6.2f} s/step  ({seconds / reference:.2f}x the fp32 fused step)")
+    from lightning_qlora.ops import backend
+
+    print(f"auto chose {plugin.compute_dtype}; measured {measured_compute_dtypes()}; kernels: {backend()}")
+    return {"step_seconds": medians, "auto": str(plugin.compute_dtype), "measured": measured_compute_dtypes()}
+
+
 def worker(args: argparse.Namespace) -> None:
     result = run_ours(args, "nf4_dq") if args.worker == "ours" else run_ours(args, "none") if args.worker == "float" \
         else run_peft(args)  # fmt: skip
@@ -195,11 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (one round per seed and round)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--json", type=Path, default=None, help="write every row and the summary here")
+    parser.add_argument("--step-ab", type=int, default=0, metavar="N",
+                        help="instead: N interleaved training steps per variant (dtype, LoRA path) in one process")
     parser.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
+        return 0
+    if args.step_ab:
+        step_ab(args)
         return 0
     rows = []
     for seed in args.seeds:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lightning_qlora.adapters.base import AdapterConfig, AdapterConfigError, AdapterLayer, LoRAFactors, PeftState
+from lightning_qlora.adapters.lora_function import adapter_dropout
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,7 +74,7 @@ class AdaLoRALayer(AdapterLayer):
         self.lora_E = nn.Parameter(torch.zeros(config.r, device=device))
         self.lora_B = nn.Parameter(torch.randn(self.out_features, config.r, device=device) * 0.02)
         self.register_buffer("rank_mask", torch.ones(config.r, device=device))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = adapter_dropout(config.dropout)
         self.scaling = config.scaling
         self._ema: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lightning_qlora.adapters.base import AdapterConfig, AdapterConfigError, AdapterLayer, LoRAFactors, PeftState
+from lightning_qlora.adapters.lora_function import adapter_dropout, lora_update
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,7 +59,12 @@ def _required(tensors: Mapping[str, torch.Tensor], name: str, key: str) -> torch
 
 
 class LoRALayer(AdapterLayer):
-    """``base(x) + scaling * lora_B(lora_A(dropout(x)))``; ``lora_A`` ``(r, in)``, ``lora_B`` ``(out, r)``."""
+    """``base(x) + scaling * lora_B(lora_A(dropout(x)))``; ``lora_A`` ``(r, in)``, ``lora_B`` ``(out, r)``.
+
+    The update runs as one autograd op (:func:`~lightning_qlora.adapters.lora_function.lora_update`:
+    dropout mask, both products and the scale, with a hand-written backward); the dropout is
+    :class:`~lightning_qlora.adapters.lora_function.AdapterDropout` (no mask at all when ``p == 0``).
+    """
 
     def __init__(self, base: nn.Module, config: LoRAConfig) -> None:
         super().__init__(base, config)
@@ -66,7 +72,7 @@ class LoRALayer(AdapterLayer):
         self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and PEFT) initialize
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = adapter_dropout(config.dropout)
         self.scaling = config.scaling
 
     def lora_out(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +80,9 @@ class LoRALayer(AdapterLayer):
         return torch.nn.functional.linear(torch.nn.functional.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        return self.lora_out(self.dropout(x)) * self.scaling
+        mask, keep = self.dropout.mask(x)
+        lora_A, lora_B = self.factors()
+        return lora_update(x, lora_A, lora_B, self.scaling, mask, keep)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lightning_qlora.adapters.base import AdapterConfig, AdapterConfigError, AdapterLayer, MergeReport, check_positive_int
+from lightning_qlora.adapters.lora_function import adapter_dropout
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,7 +65,7 @@ class MixtureLoRALayer(AdapterLayer):
         nn.init.uniform_(self.lora_A, -1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
         self.lora_B = nn.Parameter(torch.zeros(e, self.out_features, r, device=device))
         self.router = nn.Parameter(torch.randn(e, self.in_features, device=device) * 0.02)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = adapter_dropout(config.dropout)
         self.scaling = config.alpha / r
         self._balance: torch.Tensor | None = None
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lightning_qlora.adapters.base import AdapterConfig, AdapterConfigError, AdapterLayer, LoRAFactors, PeftState
+from lightning_qlora.adapters.lora_function import adapter_dropout
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,7 +83,7 @@ class VeRALayer(AdapterLayer):
         self.projection_scale = 1 / math.sqrt(self.in_features)  # ours: A = A_g[:, :in] / sqrt(in)
         self.lambda_d = nn.Parameter(torch.full((config.r,), float(config.d_initial), device=device))
         self.lambda_b = nn.Parameter(torch.zeros(self.out_features, device=device))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = adapter_dropout(config.dropout)
 
     @torch.no_grad()
     def use_projections(self, vera_A: torch.Tensor, vera_B: torch.Tensor) -> None:

@@ -32,7 +32,8 @@ from lightning_qlora.models.errors import CheckpointFileError, LoaderConfigError
 from lightning_qlora.models.skeleton import build_skeleton, check_causal_lm, plan_keys, read_config
 from lightning_qlora.models.source import ModelSource, resolve_model_source
 from lightning_qlora.models.streaming import stream_checkpoint
-from lightning_qlora.qlora import MODES, QLoRAConfigError, resolve_compute_dtype
+from lightning_qlora.plugins.compute_dtype import choose_compute_dtype
+from lightning_qlora.qlora import MODES, QLoRAConfigError
 from lightning_qlora.quantization.convert import quantize_linears
 
 
@@ -41,7 +42,7 @@ def _check_arguments(mode: str, blocksize: int, compute_dtype: str | torch.dtype
         raise LoaderConfigError(f"mode={mode!r} is not a load mode; choose one of {', '.join(MODES)}.")
     try:
         check_block_size(blocksize, BLOCK_SIZES_4BIT)
-        dtype = resolve_compute_dtype(compute_dtype)
+        dtype = choose_compute_dtype(compute_dtype)  # "auto": what the plugin picks, so the two agree
     except (InvalidBlockSizeError, QLoRAConfigError) as error:
         raise LoaderConfigError(str(error)) from None
     if isinstance(skip_modules, str) or not all(isinstance(s, str) for s in skip_modules):

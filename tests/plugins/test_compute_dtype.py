@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+
 import pytest
 import torch
 
 from lightning_qlora.plugins import FabricNF4Precision, FSDPNF4Precision, NF4Precision
-from lightning_qlora.plugins import compute_dtype as compute_dtype_module
 from lightning_qlora.qlora import QLoRAConfigError
+
+# imported lazily so that, run against the code before issue 20, the tests fail on what `auto` picks
+with contextlib.suppress(ImportError):
+    compute_dtype_module = importlib.import_module("lightning_qlora.plugins.compute_dtype")
 
 
 @pytest.fixture(autouse=True)
 def _fresh_measurements():
-    compute_dtype_module.forget_measurements()
+    if "compute_dtype_module" in globals():
+        compute_dtype_module.forget_measurements()
     yield
-    compute_dtype_module.forget_measurements()
+    if "compute_dtype_module" in globals():
+        compute_dtype_module.forget_measurements()
 
 
 def _fake_timings(monkeypatch, fp32: float, bf16: float) -> list[torch.dtype]:
@@ -25,7 +33,8 @@ def _fake_timings(monkeypatch, fp32: float, bf16: float) -> list[torch.dtype]:
         calls.append(dtype)
         return {torch.float32: fp32, torch.bfloat16: bf16}[dtype]
 
-    monkeypatch.setattr(compute_dtype_module, "time_linear_step", measure)
+    if "compute_dtype_module" in globals():
+        monkeypatch.setattr(compute_dtype_module, "time_linear_step", measure)
     return calls
 
 
@@ -37,7 +46,7 @@ def test_auto_picks_fp32_when_bf16_measures_slower_even_if_the_cpu_reports_bf16(
     _fake_timings(monkeypatch, fp32=0.010, bf16=0.030)
     plugin = plugin_class(compute_dtype="auto")
     assert plugin.compute_dtype == torch.float32
-    assert isinstance(plugin.forward_context(), type(__import__("contextlib").nullcontext()))  # no autocast at all
+    assert isinstance(plugin.forward_context(), contextlib.nullcontext)  # no autocast at all
 
 
 def test_auto_picks_bf16_only_when_it_is_clearly_faster(monkeypatch):
