@@ -44,6 +44,13 @@ class StepProgressBar(RichProgressBar):
         *columns, _ = super().configure_columns(trainer)  # the last one is the 0.00it/s speed column
         return [*columns, AverageRateColumn()]
 
+    def _get_train_description(self, current_epoch: int) -> str:
+        # RichProgressBar's private naming hook (used when it creates or resets the bar): overriding it is
+        # what keeps "Epoch 0/-2" from showing for one frame before _show_step renames the bar
+        if self.trainer.max_steps > 0:
+            return f"Training (epoch {current_epoch})"
+        return super()._get_train_description(current_epoch)
+
     def _show_step(self, trainer: L.Trainer, first: bool = False) -> None:
         if self.progress is None or self.train_progress_bar_id is None or not trainer.max_steps > 0:
             return
