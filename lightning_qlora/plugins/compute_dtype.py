@@ -3,8 +3,9 @@
 CPU flags do not say which dtype trains faster: a CPU with AVX512-BF16 but no AMX (the machine
 this project is built on) reports native bf16, yet its bf16 matmuls are slower than fp32 ones, and
 bf16 autocast adds a cast of every float weight in every forward. So on CPU ``auto`` times a
-QLoRA-sized linear forward + backward in both dtypes (about 0.1 s, once per process and thread
-count) and takes bf16 only if it is clearly faster (:data:`BF16_MARGIN`). CUDA keeps bf16 (the
+SmolLM2-sized QLoRA layer (4-bit base + LoRA, forward + backward, our kernels) in both dtypes,
+interleaved (about 0.1-0.3 s, once per process and thread count), and takes bf16 only if it is
+clearly faster (:data:`BF16_MARGIN`). CUDA keeps bf16 (the
 design's choice: tensor cores) without measuring.
 
 Example:
@@ -14,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -24,6 +26,9 @@ from lightning_qlora.qlora import resolve_compute_dtype
 #: bf16 must take at most this fraction of fp32's time to be chosen (it also costs precision)
 BF16_MARGIN = 0.9
 
+#: timed steps per dtype (after one warm-up each)
+ROUNDS = 5
+
 #: ``measure(dtype) -> seconds`` of one representative step in that compute dtype
 Measure = Callable[[torch.dtype], float]
 
@@ -31,41 +36,61 @@ _CHOSEN: dict[tuple[str, int], torch.dtype] = {}
 _TIMINGS: dict[tuple[str, int], dict[str, float]] = {}
 
 
-def time_linear_step(dtype: torch.dtype, repeats: int = 5) -> float:
-    """Median seconds of ``y = x W^T`` forward + input gradient at a SmolLM2-like size, under ``dtype``.
+_PROBE: list[tuple[torch.nn.Module, torch.Tensor]] = []
 
-    ``x (256, 576)``, ``W (1536, 576)``: one MLP projection of a batch-8 micro-step's 32 tokens;
-    bf16 runs under CPU autocast with fp32 operands, exactly as the plugin's forward context does.
+
+def _probe_layer() -> tuple[torch.nn.Module, torch.Tensor]:
+    """A SmolLM2-sized QLoRA layer (NF4-DQ ``(1536, 576)`` + LoRA r=16, dropout 0.05) and a batch-8 x 32-token input."""
+    if not _PROBE:
+        from lightning_qlora.adapters import LoRAConfig
+        from lightning_qlora.quantization import Linear4bit
+
+        generator = torch.Generator().manual_seed(0)
+        linear = torch.nn.Linear(576, 1536, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(1536, 576, generator=generator) * 0.02)
+        layer = LoRAConfig(r=16, alpha=32.0, dropout=0.05).build(Linear4bit.from_linear(linear)).train()
+        _PROBE.append((layer, torch.randn(256, 576, generator=generator)))
+    return _PROBE[0]
+
+
+def time_qlora_layer_step(dtype: torch.dtype) -> float:
+    """Seconds of one forward + backward of :func:`_probe_layer` in compute ``dtype``.
+
+    The real path, our kernels included: the 4-bit weight dequantized to the compute dtype, the
+    LoRA update, the input-gradient kernel; bf16 runs under CPU autocast, as the plugin's forward does.
     """
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(1536, 576, generator=generator)
-    x = torch.randn(256, 576, generator=generator, requires_grad=True)
+    layer, x = _probe_layer()
+    x = x.clone().requires_grad_()
     context = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else torch.autocast("cpu", enabled=False)
-
-    def step() -> None:
-        with context:
-            out = torch.nn.functional.linear(x, weight)
-        out.float().sum().backward()
-
-    step()  # warm-up: kernels chosen, buffers allocated
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    start = time.perf_counter()
+    with context:
+        out = layer(x)
+    out.float().square().sum().backward()
+    layer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
 
 
-def measured_cpu_dtype(measure: Measure | None = None) -> torch.dtype:
+def measured_cpu_dtype(measure: Measure | None = None, rounds: int = ROUNDS) -> torch.dtype:
     """fp32 or bf16 for this CPU, by measurement; cached per process and ``torch.get_num_threads()``.
 
+    One warm-up step per dtype, then ``rounds`` steps of each, interleaved (a busy machine slows
+    both alike), compared by median.
+
     Args:
-        measure: ``dtype -> seconds`` (default :func:`time_linear_step`); a test injects its own.
+        measure: ``dtype -> seconds`` of one step (default :func:`time_qlora_layer_step`); a test injects its own.
+        rounds: timed steps per dtype.
     """
     key = ("cpu", torch.get_num_threads())
     if key not in _CHOSEN:
-        measure = measure or time_linear_step
-        fp32, bf16 = measure(torch.float32), measure(torch.bfloat16)
+        measure = measure or time_qlora_layer_step
+        times: dict[torch.dtype, list[float]] = {torch.float32: [], torch.bfloat16: []}
+        for index in range(rounds + 1):
+            for dtype, values in times.items():
+                seconds = measure(dtype)
+                if index > 0:
+                    values.append(seconds)
+        fp32, bf16 = statistics.median(times[torch.float32]), statistics.median(times[torch.bfloat16])
         _TIMINGS[key] = {"fp32_s": fp32, "bf16_s": bf16}
         _CHOSEN[key] = torch.bfloat16 if bf16 <= BF16_MARGIN * fp32 else torch.float32
     return _CHOSEN[key]

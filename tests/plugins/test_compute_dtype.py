@@ -29,12 +29,12 @@ def _fake_timings(monkeypatch, fp32: float, bf16: float) -> list[torch.dtype]:
     """Make every measurement return these seconds; returns the list of dtypes measured."""
     calls: list[torch.dtype] = []
 
-    def measure(dtype: torch.dtype, repeats: int = 5) -> float:
+    def measure(dtype: torch.dtype) -> float:
         calls.append(dtype)
         return {torch.float32: fp32, torch.bfloat16: bf16}[dtype]
 
     if "compute_dtype_module" in globals():
-        monkeypatch.setattr(compute_dtype_module, "time_linear_step", measure)
+        monkeypatch.setattr(compute_dtype_module, "time_qlora_layer_step", measure)
     return calls
 
 
@@ -63,7 +63,7 @@ def test_measurement_runs_once_per_process_and_thread_count(monkeypatch):
     calls = _fake_timings(monkeypatch, fp32=0.010, bf16=0.030)
     for _ in range(3):
         FabricNF4Precision(compute_dtype="auto")
-    assert calls == [torch.float32, torch.bfloat16]
+    assert calls == [torch.float32, torch.bfloat16] * (compute_dtype_module.ROUNDS + 1)  # warm-up, then interleaved
     report = compute_dtype_module.measured_compute_dtypes()
     assert report == {f"cpu/{torch.get_num_threads()} threads": {"fp32_s": 0.010, "bf16_s": 0.030,
                                                                    "chosen": "torch.float32"}}  # fmt: skip
@@ -91,6 +91,6 @@ def test_fsdp_plugin_takes_the_measured_dtype(monkeypatch):
 def test_the_real_measurement_times_both_dtypes():
     # no timing assert (the machine is shared): both runs happen and give positive, finite seconds
     for dtype in (torch.float32, torch.bfloat16):
-        seconds = compute_dtype_module.time_linear_step(dtype, repeats=1)
+        seconds = compute_dtype_module.time_qlora_layer_step(dtype)
         assert 0.0 < seconds < 60.0
     assert compute_dtype_module.choose_compute_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
