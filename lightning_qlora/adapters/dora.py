@@ -76,7 +76,8 @@ class DoRALayer(LoRALayer):
         scale = (self.lora_magnitude / self._cached_weight_norm()).to(x.dtype)
         bias = self.base.bias
         without_bias = base_out - bias if bias is not None else base_out
-        return (scale - 1) * without_bias + scale * self.lora_out(self.dropout(x)) * self.scaling
+        # super().delta is LoRA's scaled update s B A dropout(x), through its fused op
+        return (scale - 1) * without_bias + scale * super().delta(x, base_out)
 
     def delta_weight(self) -> torch.Tensor:
         weight = base_weight(self.base) + self.scaling * (self.lora_B.float() @ self.lora_A.float())

@@ -1,4 +1,4 @@
-"""``python -m lightning_qlora.bench <name>``: run one benchmark (``kernels``), or the GPU check (``gpu OUTDIR``)."""
+"""``python -m lightning_qlora.bench <name> [options]``: ``kernels`` (see its ``--help``), or the GPU check (``gpu OUTDIR``)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ def main(argv: list[str]) -> None:
         from lightning_qlora.bench import gpu
 
         raise SystemExit(gpu.main(argv[1:]))
-    if len(argv) != 1 or argv[0] not in BENCHMARKS:
+    if not argv or argv[0] not in BENCHMARKS:
         choices = ",".join(BENCHMARKS)
-        raise SystemExit(f"usage: python -m lightning_qlora.bench {{{choices}}} | gpu OUTDIR [--dry-run], got {argv}")
-    BENCHMARKS[argv[0]]()
+        raise SystemExit(f"usage: python -m lightning_qlora.bench {{{choices}}} [options] | gpu OUTDIR [--dry-run], got {argv}")
+    BENCHMARKS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

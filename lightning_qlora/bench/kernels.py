@@ -1,131 +1,261 @@
-"""NF4 kernel speed on one 4096x4096 fp32 weight: ours, our reference, bitsandbytes (CPU), torchao.
+"""NF4 kernel speed on one weight, idle and beside busy processes: ours (raw ops and the user path), bitsandbytes, MKL dense.
 
-Run ``python -m lightning_qlora.bench kernels``: median of several runs at 2 threads, every
-implementation on the same weight in one process. Ratios are bitsandbytes time / ours; GB/s
-counts the bytes an operation must touch at least (fp32 in or out, 4-bit codes, absmax).
+Run ``python -m lightning_qlora.bench kernels [--contention N] [--size S] [--repeats R]``. Every
+row is timed at 1 and 2 threads (median of ``R`` calls after a warm-up), first on the machine as
+it is ("idle"), then, with ``--contention N``, again while ``N`` busy processes (pure Python spin
+loops) run beside the benchmark. The busy processes are bounded (at most 16, each exits by
+itself after 30 minutes) and always stopped at the end, also on an error or Ctrl-C.
+
+Rows go through the user path too: ``Linear4bit`` forward at decode and training batch sizes,
+its backward's input gradient, and the plugin's conversion of one ``nn.Linear``
+(``quantize_linears``, NaN check included), beside the raw ops, bitsandbytes (CPU) and MKL dense
+fp32 ``F.linear`` measured in the same run. ``contended/idle`` is the ratio at the default 2
+threads; MKL dense's own ratio is the yardstick. A crossover table times the fused GEMV
+against dequantize + ``F.linear`` per batch size (what ``Linear4bit.FUSED_MAX_ROWS`` is chosen by).
 """
 
 from __future__ import annotations
 
-import copy
+import argparse
+import contextlib
 import logging
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
-SIZE = 4096
-REPEATS = 9
+from lightning_qlora.errors import ConfigError
+
+MAX_BUSY = 16
+BUSY_SECONDS = 1800
+THREADS = (1, 2)
+_BUSY_LOOP = f"import time\nend = time.monotonic() + {BUSY_SECONDS}\nwhile time.monotonic() < end:\n    pass\n"
 
 
 @dataclass
 class Row:
-    """One operation timed four ways (milliseconds; ``nan`` where an implementation has none)."""
+    """One timed operation: ``times[(phase, threads)]`` in ms, phase ``"idle"`` or ``"busy"``."""
 
     name: str
-    ours: float
-    reference: float
-    bnb: float
-    torchao: float
-    bytes_moved: float
+    group: str  # "ours", "user path", "setup" (part of a user-path row's timing), "bitsandbytes", "MKL dense"
+    fn: Callable[[], object]
+    repeats_scale: float = 1.0
+    times: dict[tuple[str, int], float] = field(default_factory=dict)
 
 
-def median_ms(fn: Callable[[], object], repeats: int = REPEATS) -> float:
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``fn`` in ms after one warm-up call."""
     fn()
     times = []
-    for _ in range(repeats):
+    for _ in range(max(1, repeats)):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
 
 
-def _with_dtype(state: object, dtype: torch.dtype) -> object:
-    state = copy.copy(state)
-    state.dtype = dtype  # bitsandbytes' CPU dequantize writes the state's dtype
-    return state
+@contextlib.contextmanager
+def busy_processes(count: int) -> Iterator[list[subprocess.Popen]]:
+    """``count`` spinning Python processes for the duration of the block; always stopped after it."""
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_BUSY:
+        raise ConfigError(f"--contention {count!r} must be an integer from 0 to {MAX_BUSY} (busy processes).")
+    processes: list[subprocess.Popen] = []
+    try:
+        for _ in range(count):
+            processes.append(subprocess.Popen([sys.executable, "-c", _BUSY_LOOP], stdin=subprocess.DEVNULL,
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+        time.sleep(0.5 if count else 0.0)  # let them reach their loops
+        yield processes
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
-def _dequantize_row(dtype: torch.dtype, size: int, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                    bnb_packed: torch.Tensor, bnb_state: object, nf4: torch.Tensor) -> Row:
-    """Dequantize the weight to ``dtype`` four ways (a function so each lambda binds this dtype)."""
-    import bitsandbytes.functional as bnb
-
-    from lightning_qlora.ops import op, reference
-
-    shape = [SIZE, SIZE]
-    return Row(f"NF4 dequantize -> {str(dtype).removeprefix('torch.')}",
-               median_ms(lambda: op("dequantize_4bit")(packed, absmax, code, 64, shape, dtype)),
-               median_ms(lambda: reference.dequantize_4bit(packed, absmax, code, 64, shape, dtype), 3),
-               median_ms(lambda: bnb.dequantize_4bit(bnb_packed, bnb_state)),
-               median_ms(lambda: nf4.get_original_weight().to(dtype), 3), 0.0)  # fmt: skip
-
-
-def measure() -> tuple[list[Row], dict[str, float]]:
-    """Time every operation; returns the rows and a few standalone figures (dense GEMV)."""
+def build_rows(size: int) -> list[Row]:
+    """The operations on one ``size x size`` fp32 weight (NF4 + double quantization, block 64)."""
     import bitsandbytes as bnb_nn
     import bitsandbytes.functional as bnb
-    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4, to_nf4
+    from torch import nn
 
-    from lightning_qlora.ops import op, reference
-    from lightning_qlora.quantization import double_quantize_absmax, get_codebook, quantize_4bit
+    from lightning_qlora.ops import op
+    from lightning_qlora.quantization import Linear4bit, quantize_4bit
+    from lightning_qlora.quantization.convert import quantize_linears
 
     torch.manual_seed(0)
-    w = torch.randn(SIZE, SIZE)
-    code = get_codebook("nf4")
-    n = w.numel()
-    packed_bytes, absmax_bytes = n / 2, n / 64 * 4
+    dense = nn.Linear(size, size, bias=False)
+    w = dense.weight.detach()
+    ours = quantize_4bit(w, "nf4", 64)
+    layer = Linear4bit(ours)
+    shape = [size, size]
+    bnb_packed, bnb_state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    bnb_layer = bnb_nn.nn.Linear4bit(size, size, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    state = layer.state_dict()  # bitsandbytes' keys; the codes are bit-exact with its own
+    stats = {k: v for k, v in state.items() if k.startswith("weight.")}
+    bnb_layer.weight = bnb_nn.nn.Params4bit.from_prequantized(state["weight"], stats, device="cpu")
+    x1, x8, x64 = torch.randn(1, size), torch.randn(8, size), torch.randn(64, size)
+    x_train = torch.randn(512, size)
+    grad = torch.randn(512, size)
 
-    def reference_quantize() -> object:
-        return double_quantize_absmax(reference.quantize_4bit(w, code, 64)[1])
+    def gemv(x: torch.Tensor) -> Callable[[], object]:
+        return lambda: op("linear_4bit")(x, ours.packed, ours.block_absmax(), ours.code, 64, shape)
 
-    rows = [Row("NF4+DQ quantize fp32", median_ms(lambda: quantize_4bit(w, "nf4", 64, check_values=False)),
-                median_ms(reference_quantize, 3),
-                median_ms(lambda: bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)),
-                median_ms(lambda: to_nf4(w, 64, 256), 3), n * 4 + packed_bytes)]  # fmt: skip
-    packed, absmax = op("quantize_4bit")(w, code, 64)
-    bnb_packed, bnb_state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4")
-    nf4 = to_nf4(w, 64, 256)
-    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
-        rows.append(_dequantize_row(dtype, size, packed, absmax, code, bnb_packed, _with_dtype(bnb_state, dtype), nf4))
-        rows[-1].bytes_moved = n * size + packed_bytes + absmax_bytes
+    def convert() -> object:  # a fresh model around the same float weight (no init cost in the timing)
+        model = nn.Sequential(nn.Linear(size, size, bias=False, device="meta"))
+        model[0].weight = nn.Parameter(w.clone(), requires_grad=False)
+        return quantize_linears(model, skip=())
 
-    # Batch-1 GEMV with NF4+DQ weights on both sides (absmax decoded inside the call, as in a layer).
-    x = torch.randn(1, SIZE)
-    ours_dq = quantize_4bit(w, "nf4", 64)
+    def input_grad() -> object:
+        return op("linear_4bit_input_grad")(grad, ours.packed, ours.block_absmax(), ours.code, 64, shape)
 
-    def linear_4bit(inputs: torch.Tensor, weight: object) -> torch.Tensor:
-        return op("linear_4bit")(inputs, weight.packed, weight.block_absmax(), weight.code, 64, [SIZE, SIZE])
-    bnb_dq, bnb_dq_state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-    rows.append(Row("NF4+DQ GEMV batch 1", median_ms(lambda: linear_4bit(x, ours_dq), 50),
-                    median_ms(lambda: reference.linear_4bit(x, packed, absmax, code, 64, [SIZE, SIZE]), 3),
-                    median_ms(lambda: bnb_nn.matmul_4bit(x, bnb_dq.t(), quant_state=bnb_dq_state), 20),
-                    median_ms(lambda: linear_nf4(x, nf4), 5),
-                    packed_bytes + n / 64 + SIZE * 8))  # fmt: skip
-    x8 = torch.randn(8, SIZE)
-    rows.append(Row("NF4+DQ GEMV batch 8", median_ms(lambda: linear_4bit(x8, ours_dq), 20), float("nan"),
-                    median_ms(lambda: bnb_nn.matmul_4bit(x8, bnb_dq.t(), quant_state=bnb_dq_state), 5),
-                    median_ms(lambda: linear_nf4(x8, nf4), 5), packed_bytes + n / 64 + SIZE * 64))  # fmt: skip
-    dense = {"dense fp32 F.linear batch 1": median_ms(lambda: torch.nn.functional.linear(x, w), 50),
-             "dense fp32 F.linear batch 8": median_ms(lambda: torch.nn.functional.linear(x8, w), 20)}  # fmt: skip
-    return rows, dense
+    with torch.no_grad():
+        rows = [
+            Row("quantize NF4+DQ (quantize_4bit)", "ours", lambda: quantize_4bit(w, "nf4", 64, check_values=False)),
+            Row("  + NaN check (check_values)", "ours", lambda: quantize_4bit(w, "nf4", 64)),
+            Row("dequantize -> fp32", "ours", lambda: ours.dequantize(torch.float32)),
+            Row("dequantize -> bf16", "ours", lambda: ours.dequantize(torch.bfloat16)),
+            Row("GEMV batch 1 (linear_4bit op)", "ours", gemv(x1)),
+            Row("GEMV batch 8 (linear_4bit op)", "ours", gemv(x8)),
+            Row("input grad batch 512 (op)", "ours", input_grad, 0.3),
+            Row("Linear4bit fwd batch 1", "user path", lambda: layer(x1)),
+            Row("Linear4bit fwd batch 8", "user path", lambda: layer(x8)),
+            Row("Linear4bit fwd batch 64", "user path", lambda: layer(x64)),
+            Row("Linear4bit fwd batch 512", "user path", lambda: layer(x_train), 0.3),
+            Row("plugin convert 1 Linear", "user path", convert, 0.5),
+            Row("  (its weight copy alone)", "setup", lambda: w.clone(), 0.5),
+            Row("bnb quantize NF4+DQ", "bitsandbytes",
+                lambda: bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True), 0.3),
+            Row("bnb dequantize -> fp32", "bitsandbytes", lambda: bnb.dequantize_4bit(bnb_packed, bnb_state), 0.5),
+            Row("bnb matmul_4bit batch 1", "bitsandbytes",
+                lambda: bnb_nn.matmul_4bit(x1, bnb_packed.t(), quant_state=bnb_state), 0.5),
+            Row("bnb Linear4bit fwd batch 1", "bitsandbytes", lambda: bnb_layer(x1), 0.5),
+            Row("dequantize + matmul, grad 512", "MKL dense", lambda: grad @ ours.dequantize(torch.float32), 0.3),
+            Row("F.linear fp32 batch 1", "MKL dense", lambda: torch.nn.functional.linear(x1, w)),
+            Row("F.linear fp32 batch 8", "MKL dense", lambda: torch.nn.functional.linear(x8, w)),
+            Row("F.linear fp32 batch 512", "MKL dense", lambda: torch.nn.functional.linear(x_train, w), 0.3),
+        ]  # fmt: skip
+    return rows
 
 
-def main() -> None:
-    """Print the table (see the module docstring)."""
+def time_rows(rows: list[Row], phase: str, repeats: int) -> None:
+    """Fill ``row.times[(phase, threads)]`` for every row and thread count."""
+    previous = torch.get_num_threads()
+    try:
+        for threads in THREADS:
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                for row in rows:
+                    row.times[(phase, threads)] = median_ms(row.fn, max(3, int(repeats * row.repeats_scale)))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def crossover(size: int, repeats: int, batches: tuple[int, ...] = (1, 8, 16, 32, 64, 100)) -> list[tuple[int, float, float]]:
+    """``(batch, fused ms, dequantize + F.linear ms)`` at 2 threads for one ``size x size`` weight."""
+    from lightning_qlora.ops import op
+    from lightning_qlora.quantization import quantize_4bit
+
+    weight = quantize_4bit(torch.randn(size, size), "nf4", 64)
+    table = []
+    with torch.no_grad():
+        for batch in batches:
+            x = torch.randn(batch, size)
+            fused = median_ms(lambda: op("linear_4bit")(x, weight.packed, weight.block_absmax(), weight.code, 64,
+                                                        [size, size]), repeats)  # fmt: skip
+            split = median_ms(lambda: torch.nn.functional.linear(x, weight.dequantize(torch.float32)), repeats)
+            table.append((batch, fused, split))
+    return table
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.1f}x" if b > 0 else "-"
+
+
+def report(rows: list[Row], contention: int) -> list[str]:
+    """The side-by-side table and the issue-18 checks, as lines."""
+    busy = contention > 0
+    head = f"{'operation':<34}{'group':<13}{'idle 1t':>9}{'idle 2t':>9}"
+    if busy:
+        head += f"{f'busy{contention} 1t':>10}{f'busy{contention} 2t':>10}{'busy/idle':>10}"
+    lines = [head]
+    for row in rows:
+        t = row.times
+        line = f"{row.name:<34}{row.group:<13}{t[('idle', 1)]:>9.2f}{t[('idle', 2)]:>9.2f}"
+        if busy:
+            line += f"{t[('busy', 1)]:>10.2f}{t[('busy', 2)]:>10.2f}{_ratio(t[('busy', 2)], t[('idle', 2)]):>10}"
+        lines.append(line)
+    by_name = {row.name: row.times for row in rows}
+
+    def idle(name: str) -> float:
+        return by_name[name][("idle", 2)]
+
+    lines += ["", "checks (idle, 2 threads):",
+              f"  quantize vs bitsandbytes: {_ratio(idle('bnb quantize NF4+DQ'), idle('quantize NF4+DQ (quantize_4bit)'))}"
+              " (target >= 30x)",
+              f"  dequantize vs bitsandbytes: {_ratio(idle('bnb dequantize -> fp32'), idle('dequantize -> fp32'))} "
+              "(target >= 3x)",
+              f"  GEMV batch 1 vs bitsandbytes: {_ratio(idle('bnb matmul_4bit batch 1'), idle('GEMV batch 1 (linear_4bit op)'))}"
+              f"; Linear4bit vs bnb Linear4bit: {_ratio(idle('bnb Linear4bit fwd batch 1'), idle('Linear4bit fwd batch 1'))}"
+              " (target >= 10x)",
+              f"  dense F.linear / Linear4bit batch 1: {_ratio(idle('F.linear fp32 batch 1'), idle('Linear4bit fwd batch 1'))}"
+              " (target > 1x)",
+              f"  Linear4bit / raw op, batch 1: {_ratio(idle('Linear4bit fwd batch 1'), idle('GEMV batch 1 (linear_4bit op)'))}"
+              " (target <= 1.2x)",
+              f"  input grad: dequantize + matmul / ours: "
+              f"{_ratio(idle('dequantize + matmul, grad 512'), idle('input grad batch 512 (op)'))}"]  # fmt: skip
+    for phase in ("idle", "busy") if busy else ("idle",):
+        slower = [row.name for row in rows if row.group in ("ours", "user path")
+                  and row.times[(phase, 2)] > row.times[(phase, 1)]]  # fmt: skip
+        lines.append(f"  {phase}: ours slower at 2 threads than at 1: {', '.join(slower) or 'none'}")
+    if busy:
+        worst = max((row for row in rows if row.group in ("ours", "user path")),
+                    key=lambda row: row.times[("busy", 2)] / row.times[("idle", 2)])  # fmt: skip
+        dense = by_name["F.linear fp32 batch 1"]
+        lines.append(f"  busy/idle at 2 threads: worst of ours {worst.name.strip()} "
+                     f"{_ratio(worst.times[('busy', 2)], worst.times[('idle', 2)])} (target <= 2x); "
+                     f"MKL dense batch 1 {_ratio(dense[('busy', 2)], dense[('idle', 2)])}")  # fmt: skip
+    return lines
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lightning_qlora.bench kernels", description=__doc__.splitlines()[0])
+    parser.add_argument("--contention", type=int, default=0, help=f"busy processes beside the second pass (0..{MAX_BUSY})")
+    parser.add_argument("--size", type=int, default=4096, help="the weight is size x size (a multiple of 64)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed calls per row and setting (median)")
+    args = parser.parse_args(argv)
+    if not 0 <= args.contention <= MAX_BUSY:
+        raise ConfigError(f"--contention {args.contention} must be from 0 to {MAX_BUSY} (busy processes).")
+    if args.size < 64 or args.size % 64:
+        raise ConfigError(f"--size {args.size} must be a positive multiple of 64 (whole absmax blocks per row).")
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats {args.repeats} must be at least 1.")
+    return args
+
+
+def main(argv: list[str]) -> None:
+    """Print the tables (see the module docstring); ``argv`` are the options after ``kernels``."""
+    args = parse_args(argv)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from lightning_qlora import _openmp
     from lightning_qlora.ops import backend
 
-    torch.set_num_threads(2)
-    rows, dense = measure()
-    print(f"backend: {backend()}; {SIZE}x{SIZE} fp32 weight, blocksize 64, {torch.get_num_threads()} threads, "
-          f"median ms")  # fmt: skip
-    print(f"{'operation':<26}{'ours':>9}{'reference':>11}{'bnb':>9}{'torchao':>9}{'bnb/ours':>10}{'GB/s ours':>11}")
-    for row in rows:
-        print(f"{row.name:<26}{row.ours:>9.2f}{row.reference:>11.1f}{row.bnb:>9.2f}{row.torchao:>9.1f}"
-              f"{row.bnb / row.ours:>9.1f}x{row.bytes_moved / row.ours / 1e6:>11.1f}")  # fmt: skip
-    for name, ms in dense.items():
-        print(f"{name:<26}{ms:>9.2f}   (reads {SIZE * SIZE * 4 / ms / 1e6:.1f} GB/s)")
+    rows = build_rows(args.size)
+    time_rows(rows, "idle", args.repeats)
+    cross = crossover(min(args.size, 4096), max(3, args.repeats))
+    if args.contention:
+        with busy_processes(args.contention):
+            time_rows(rows, "busy", args.repeats)
+    print(f"backend: {backend()}; {args.size}x{args.size} fp32 weight, NF4+DQ block 64, median ms of {args.repeats}; "
+          f"OpenMP wait policy: {_openmp.wait_policy()}")  # fmt: skip
+    print("\n".join(report(rows, args.contention)))
+    print("\nfused GEMV vs dequantize + F.linear, 2 threads, idle (ms):")
+    print("  " + "  ".join(f"batch {b}: {f:.2f} / {s:.2f}" for b, f, s in cross))

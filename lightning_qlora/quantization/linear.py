@@ -45,15 +45,19 @@ def _weight_args(weight: Quantized4bitTensor) -> tuple[torch.Tensor, torch.Tenso
     return weight.packed, weight.block_absmax(), weight.code, weight.blocksize, list(weight.shape)
 
 
+def _forward(x: torch.Tensor, weight: Quantized4bitTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.numel() <= FUSED_MAX_ROWS * x.shape[-1]:
+        out = op("linear_4bit")(x, *_weight_args(weight))
+        return out.add_(bias.to(out.dtype)) if bias is not None else out
+    return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
+
+
 class _Linear4bitFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: Quantized4bitTensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.weight = weight
         ctx.has_bias = bias is not None
-        if x.numel() <= FUSED_MAX_ROWS * x.shape[-1]:
-            out = op("linear_4bit")(x, *_weight_args(weight))
-            return out.add_(bias.to(out.dtype)) if bias is not None else out
-        return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
+        return _forward(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
@@ -72,6 +76,9 @@ def linear_4bit(x: torch.Tensor, weight: Quantized4bitTensor, bias: torch.Tensor
             f"input has {x.shape[-1]} features but the 4-bit weight of shape {tuple(weight.shape)} expects "
             f"{weight.shape[-1]}."
         )
+    if not torch.is_grad_enabled() or not (x.requires_grad or (bias is not None and bias.requires_grad)):
+        with torch.no_grad():  # nothing to differentiate (generation): skip the autograd node
+            return _forward(x, weight, bias)
     return _Linear4bitFunction.apply(x, weight, bias)
 
 

@@ -1,0 +1,139 @@
+"""The CPU kernels' parallel loops (issue 18): same bits at every thread count, from many threads, after fork.
+
+Also the C++ blockwise 8-bit pair (double quantization) against the reference kernels, and the
+OpenMP wait policy lightning_qlora sets before torch loads.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from lightning_qlora.ops import _extension, op, reference
+from lightning_qlora.ops._build import compiled_required
+from lightning_qlora.quantization import get_codebook
+
+
+@pytest.fixture(scope="module")
+def extension():
+    ext = _extension.cpu_extension()
+    if ext is None:
+        if compiled_required():
+            pytest.fail("the compiled CPU kernels did not build")
+        pytest.skip("compiled CPU kernels unavailable")
+    return ext
+
+
+@pytest.fixture()
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _outputs(w: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
+    code = get_codebook("nf4")
+    packed, absmax = op("quantize_4bit")(w, code, 64)
+    shape = list(w.shape)
+    return [packed, absmax, op("dequantize_4bit")(packed, absmax, code, 64, shape, torch.bfloat16),
+            op("linear_4bit")(x, packed, absmax, code, 64, shape),
+            op("linear_4bit_input_grad")(torch.randn(3, shape[0], generator=torch.Generator().manual_seed(1)),
+                                         packed, absmax, code, 64, shape)]  # fmt: skip
+
+
+def test_every_thread_count_gives_the_same_bits_as_the_reference(extension, restore_threads):
+    torch.manual_seed(0)
+    w, x = torch.randn(1000, 512), torch.randn(5, 512)
+    code = get_codebook("nf4")
+    expected_packed, expected_absmax = reference.quantize_4bit(w, code, 64)
+    results = []
+    for threads in (1, 2, 3, 4):
+        torch.set_num_threads(threads)
+        for _ in range(3):  # the loops pick their thread count by measurement: run each choice
+            results.append(_outputs(w, x))
+    assert torch.equal(results[0][0], expected_packed) and torch.equal(results[0][1], expected_absmax)
+    for result in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(result, results[0]))
+
+
+def test_kernels_called_from_many_threads_at_once_are_correct(extension):
+    torch.manual_seed(0)
+    w, x = torch.randn(700, 256), torch.randn(2, 256)
+    expected = _outputs(w, x)
+    failures: list[str] = []
+
+    def work() -> None:
+        for _ in range(10):
+            if not all(torch.equal(a, b) for a, b in zip(_outputs(w, x), expected)):
+                failures.append("mismatch")
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(thread.is_alive() for thread in threads), "a concurrent kernel call hung"
+    assert failures == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_runs_the_kernels_after_the_parent_did(extension):
+    torch.manual_seed(0)
+    w, x = torch.randn(512, 512), torch.randn(1, 512)
+    expected = _outputs(w, x)  # the parent's loops (and threads) are up
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child, set up as torch's DataLoader sets up its workers
+        # One thread, as DataLoader workers run: GNU OpenMP (torch's intra-op pool, which our loops
+        # use) cannot start a parallel region in a child forked after the parent used one.
+        torch.set_num_threads(1)
+        ok = all(torch.equal(a, b) for a, b in zip(_outputs(w, x), expected))
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    import select
+
+    ready, _, _ = select.select([read], [], [], 300)
+    assert ready, "the forked child hung in a kernel"
+    assert os.read(read, 1) == b"1"
+    os.waitpid(pid, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("n", "blocksize"), [(262144, 256), (1000, 64), (37, 4096), (5000, 32)])
+def test_the_compiled_8bit_pair_is_bit_exact_with_the_reference(extension, dtype, n, blocksize):
+    assert hasattr(extension, "quantize_blockwise_8bit") and hasattr(extension, "dequantize_blockwise_8bit")
+    torch.manual_seed(n)
+    code = get_codebook("dynamic8")
+    x = torch.randn(n)
+    if n > 2 * blocksize:
+        x[3] = float("nan")  # a NaN block stays visibly broken, as in the reference
+        x[blocksize + 1 : 2 * blocksize + 1] = 0  # an all-zero block
+    x = x.to(dtype)
+    codes, absmax = op("quantize_blockwise_8bit")(x, code, blocksize)
+    expected_codes, expected_absmax = reference.quantize_blockwise_8bit(x, code, blocksize)
+    assert torch.equal(codes, expected_codes)
+    assert torch.equal(absmax.nan_to_num(-1.0), expected_absmax.nan_to_num(-1.0))
+    for out in (torch.float32, torch.bfloat16):
+        got = op("dequantize_blockwise_8bit")(codes, absmax, code, blocksize, out)
+        want = reference.dequantize_blockwise_8bit(codes, absmax, code, blocksize, out)
+        assert got.dtype == out and torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0))
+
+
+def _policy(code: str, env: dict[str, str]) -> str:
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    done = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                          timeout=300, check=True)  # fmt: skip
+    return done.stdout.strip()
+
+
+def test_importing_lightning_qlora_first_makes_openmp_threads_sleep():
+    show = "import os; from lightning_qlora import _openmp; print(os.environ.get('OMP_WAIT_POLICY'), _openmp.SET_BY_US)"
+    assert _policy("import lightning_qlora; " + show, {}) == "PASSIVE True"
+    assert _policy("import torch, lightning_qlora; " + show, {}) == "None False"  # too late: says so
+    assert _policy("import lightning_qlora; " + show, {"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE False"
