@@ -145,16 +145,23 @@ inline int64_t blocks_per_chunk(int64_t blocksize) { return blocksize >= 32768 ?
 
 LoopSite quantize_site, dequantize_site, quantize_8bit_site, dequantize_8bit_site;
 
+// body(block, start, end) for every block of n elements (the last may be partial), `per_chunk` blocks per chunk.
+template <typename Body>
+void for_each_block(LoopSite& site, int64_t n, int64_t blocksize, int64_t per_chunk, const Body& body) {
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  parallel_for(site, blocks, per_chunk, [&](int64_t first, int64_t last) {
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t start = block * blocksize;
+      body(block, start, start + blocksize < n ? start + blocksize : n);
+    }
+  });
+}
+
 template <FloatType T>
 void quantize_all(const void* input, int64_t n, const Codebook4& book, int64_t blocksize, bool stochastic,
                   uint64_t seed, uint8_t* packed, float* absmax) {
-  const int64_t blocks = (n + blocksize - 1) / blocksize;
-  parallel_for(quantize_site, blocks, blocks_per_chunk(blocksize), [&](int64_t first, int64_t last) {
-    for (int64_t block = first; block < last; ++block) {
-      const int64_t start = block * blocksize;
-      const int64_t end = start + blocksize < n ? start + blocksize : n;
-      quantize_block<T>(input, start, end, blocksize, book, stochastic, seed, packed, absmax + block);
-    }
+  for_each_block(quantize_site, n, blocksize, blocks_per_chunk(blocksize), [&](int64_t block, int64_t start, int64_t end) {
+    quantize_block<T>(input, start, end, blocksize, book, stochastic, seed, packed, absmax + block);
   });
 }
 
@@ -200,25 +207,20 @@ inline int64_t dequantize_block_avx512(const uint8_t* packed, const __m512 book,
 template <FloatType T>
 void dequantize_all(const uint8_t* packed, const float* absmax, const float* codebook, int64_t n, int64_t blocksize,
                     void* output) {
-  const int64_t blocks = (n + blocksize - 1) / blocksize;
-  parallel_for(dequantize_site, blocks, blocks_per_chunk(blocksize), [&](int64_t first_block, int64_t last_block) {
-    for (int64_t block = first_block; block < last_block; ++block) {
-      const int64_t start = block * blocksize;
-      const int64_t end = start + blocksize < n ? start + blocksize : n;
-      const float scale = absmax[block];
-      // Blocks start at even indices (block sizes are even), so bytes never straddle blocks.
-      const int64_t pairs_end = start + ((end - start) & ~int64_t{1});
-      int64_t first = start;
+  for_each_block(dequantize_site, n, blocksize, blocks_per_chunk(blocksize), [&](int64_t block, int64_t start, int64_t end) {
+    const float scale = absmax[block];
+    // Blocks start at even indices (block sizes are even), so bytes never straddle blocks.
+    const int64_t pairs_end = start + ((end - start) & ~int64_t{1});
+    int64_t first = start;
 #ifdef __AVX512F__
-      first = dequantize_block_avx512<T>(packed, _mm512_loadu_ps(codebook), scale, start, pairs_end, output);
+    first = dequantize_block_avx512<T>(packed, _mm512_loadu_ps(codebook), scale, start, pairs_end, output);
 #endif
-      for (int64_t i = first; i < pairs_end; i += 2) {
-        const uint8_t byte = packed[i >> 1];
-        store<T>(output, i, codebook[byte >> 4] * scale);
-        store<T>(output, i + 1, codebook[byte & 0x0F] * scale);
-      }
-      if (pairs_end < end) store<T>(output, pairs_end, codebook[packed[pairs_end >> 1] >> 4] * scale);
+    for (int64_t i = first; i < pairs_end; i += 2) {
+      const uint8_t byte = packed[i >> 1];
+      store<T>(output, i, codebook[byte >> 4] * scale);
+      store<T>(output, i + 1, codebook[byte & 0x0F] * scale);
     }
+    if (pairs_end < end) store<T>(output, pairs_end, codebook[packed[pairs_end >> 1] >> 4] * scale);
   });
 }
 
@@ -255,36 +257,31 @@ inline int64_t small_8bit_chunk(int64_t blocksize) { return blocksize >= (1 << 2
 
 void quantize_blockwise_8bit(const float* input, int64_t n, int64_t blocksize, const int64_t* table, uint8_t* codes,
                              float* absmax) {
-  const int64_t blocks = (n + blocksize - 1) / blocksize;
-  parallel_for(quantize_8bit_site, blocks, small_8bit_chunk(blocksize), [&](int64_t first, int64_t last) {
-    for (int64_t block = first; block < last; ++block) {
-      const int64_t start = block * blocksize;
-      const int64_t end = start + blocksize < n ? start + blocksize : n;
-      float maximum = 0.0f;
-      bool has_nan = false;
-      for (int64_t i = start; i < end; ++i) {
-        const float magnitude = std::fabs(input[i]);
-        has_nan |= magnitude != magnitude;
-        maximum = magnitude > maximum ? magnitude : maximum;
+  for_each_block(quantize_8bit_site, n, blocksize, small_8bit_chunk(blocksize), [&](int64_t block, int64_t start, int64_t end) {
+    float maximum = 0.0f;
+    bool has_nan = false;
+    for (int64_t i = start; i < end; ++i) {
+      const float magnitude = std::fabs(input[i]);
+      has_nan |= magnitude != magnitude;
+      maximum = magnitude > maximum ? magnitude : maximum;
+    }
+    if (has_nan) maximum = NAN;
+    absmax[block] = maximum;
+    // The reference's where(absmax > 0, 1 / absmax, 0): a NaN block scales by 0 as well.
+    const float inverse = maximum > 0.0f ? 1.0f / maximum : 0.0f;
+    for (int64_t i = start; i < end; ++i) {
+      if (maximum == 0.0f) {
+        codes[i] = 0;
+        continue;
       }
-      if (has_nan) maximum = NAN;
-      absmax[block] = maximum;
-      // The reference's where(absmax > 0, 1 / absmax, 0): a NaN block scales by 0 as well.
-      const float inverse = maximum > 0.0f ? 1.0f / maximum : 0.0f;
-      for (int64_t i = start; i < end; ++i) {
-        if (maximum == 0.0f) {
-          codes[i] = 0;
-          continue;
-        }
-        float scaled = input[i] * inverse;
-        scaled = scaled < -1.0f ? -1.0f : (scaled > 1.0f ? 1.0f : scaled);  // keeps NaN, as torch.clamp
-        const float half = (scaled + 1.0f) * 0.5f;
-        // One rounding of the exact product-plus-half, as the reference's float64 detour (an FMA).
-        const float fused = static_cast<float>(static_cast<double>(half) * 65535.0 + 0.5);
-        // x86 truncation of NaN gives INT64_MIN, whose low 16 bits are 0 (what torch computes).
-        const int64_t grid = fused == fused ? static_cast<int64_t>(fused) & 0xFFFF : 0;
-        codes[i] = static_cast<uint8_t>(table[grid]);
-      }
+      float scaled = input[i] * inverse;
+      scaled = scaled < -1.0f ? -1.0f : (scaled > 1.0f ? 1.0f : scaled);  // keeps NaN, as torch.clamp
+      const float half = (scaled + 1.0f) * 0.5f;
+      // One rounding of the exact product-plus-half, as the reference's float64 detour (an FMA).
+      const float fused = static_cast<float>(static_cast<double>(half) * 65535.0 + 0.5);
+      // x86 truncation of NaN gives INT64_MIN, whose low 16 bits are 0 (what torch computes).
+      const int64_t grid = fused == fused ? static_cast<int64_t>(fused) & 0xFFFF : 0;
+      codes[i] = static_cast<uint8_t>(table[grid]);
     }
   });
 }

@@ -1,0 +1,45 @@
+"""``python -m lightning_qlora.bench kernels --contention N`` (issue 18): bounded busy processes, always stopped."""
+
+from __future__ import annotations
+
+import pytest
+
+from lightning_qlora.bench import kernels
+from lightning_qlora.bench.__main__ import main as bench_main
+from lightning_qlora.errors import ConfigError
+
+
+def test_busy_processes_run_during_the_block_and_are_stopped_after_it():
+    with kernels.busy_processes(2) as processes:
+        assert len(processes) == 2 and all(p.poll() is None for p in processes)
+    assert all(p.poll() is not None for p in processes)
+
+
+def test_busy_processes_are_stopped_when_the_benchmark_fails():
+    with pytest.raises(KeyboardInterrupt):
+        with kernels.busy_processes(1) as processes:
+            raise KeyboardInterrupt
+    assert all(p.poll() is not None for p in processes)
+
+
+@pytest.mark.parametrize("count", [-1, kernels.MAX_BUSY + 1, True, 1.5])
+def test_an_unbounded_or_odd_count_is_refused(count):
+    with pytest.raises(ConfigError, match="contention"):
+        with kernels.busy_processes(count):
+            pass
+
+
+@pytest.mark.parametrize("argv", [["--contention", "99"], ["--size", "100"], ["--repeats", "0"]])
+def test_bad_options_are_refused_before_anything_runs(argv):
+    with pytest.raises(ConfigError):
+        kernels.parse_args(argv)
+
+
+def test_the_benchmark_prints_idle_and_contended_tables_side_by_side(capsys):
+    bench_main(["kernels", "--size", "128", "--repeats", "1", "--contention", "1"])
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("operation"))
+    assert all(column in header for column in ("idle 1t", "idle 2t", "busy1 1t", "busy1 2t", "busy/idle"))
+    for row in ("Linear4bit fwd batch 1", "plugin convert 1 Linear", "bnb matmul_4bit batch 1", "F.linear fp32 batch 1"):
+        assert row in out
+    assert "MKL dense batch 1" in out and "OpenMP wait policy" in out and "fused GEMV vs dequantize" in out
