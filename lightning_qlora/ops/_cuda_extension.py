@@ -3,8 +3,9 @@
 Like the CPU kernels, these are built with ``torch.utils.cpp_extension.load`` the first time an
 op runs on a CUDA tensor (nvcc needed), cached, and fall back to the reference kernels with one
 warning if the build fails; ``LIGHTNING_QLORA_FORCE_REFERENCE=1`` forces the reference path.
-Each wrapper validates with the same typed errors as the CPU path, selects the tensor's device,
-and passes the current stream to the launchers.
+Each kernel of the table :data:`CUDA_KERNELS` validates with the same typed errors as the CPU
+path, selects the tensor's device and passes the current stream to the launchers;
+:func:`~lightning_qlora.ops._backends.register_backend` adds the reference fallback.
 
 Verified here only by compilation (``make cuda-check`` compiles every ``.cu`` file and
 ``csrc/cuda/bindings.cpp`` with nvcc): the machines this is developed on have no GPU, so none
@@ -20,15 +21,14 @@ from typing import Any
 import torch
 
 from lightning_qlora.errors import BLOCK_SIZES_4BIT, check_block_size, check_float_dtype, check_output_dtype
-from lightning_qlora.ops import reference
+from lightning_qlora.ops._backends import register_backend
 from lightning_qlora.ops._build import CSRC, EXTENSIONS
-from lightning_qlora.ops._extension import _CachedExtension, _force_reference
+from lightning_qlora.ops._extension import _CachedExtension
 from lightning_qlora.ops.schemas import (
     check_bgmv_args,
     check_codebook,
     check_dequantize_4bit_args,
     check_linear_4bit_args,
-    qualified_name,
 )
 
 #: The CUDA extension's sources under csrc/cuda (the list lives in ops/_build.py).
@@ -46,18 +46,11 @@ class _CudaExtension(_CachedExtension):
 cuda_extension = _CudaExtension("lightning_qlora_cuda")
 
 
-def _extension() -> Any | None:
-    return None if _force_reference() else cuda_extension()
-
-
 def _stream(tensor: torch.Tensor) -> int:
     return torch.cuda.current_stream(tensor.device).cuda_stream
 
 
-def _quantize_4bit_cuda(A: torch.Tensor, code: torch.Tensor, blocksize: int, seed: int | None = None) -> Any:
-    extension = _extension()
-    if extension is None:
-        return reference.quantize_4bit(A, code, blocksize, seed)
+def _quantize_4bit(extension: Any, A: torch.Tensor, code: torch.Tensor, blocksize: int, seed: int | None = None) -> Any:
     check_float_dtype(A)
     check_block_size(blocksize, BLOCK_SIZES_4BIT)
     check_codebook(code, 16)
@@ -65,47 +58,39 @@ def _quantize_4bit_cuda(A: torch.Tensor, code: torch.Tensor, blocksize: int, see
         return extension.quantize_4bit(A, code, blocksize, seed, _stream(A))
 
 
-def _dequantize_4bit_cuda(
-    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: Sequence[int], dtype: torch.dtype
-) -> torch.Tensor:
-    extension = _extension()
-    if extension is None:
-        return reference.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype)
+def _dequantize_4bit(
+    extension: Any, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+    shape: Sequence[int], dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
     check_output_dtype(dtype)
     check_dequantize_4bit_args(packed, absmax, code, blocksize, shape)
     with torch.cuda.device(packed.device):
         return extension.dequantize_4bit(packed, absmax, code, blocksize, [int(d) for d in shape], dtype, _stream(packed))
 
 
-def _linear_4bit_cuda(
-    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: Sequence[int]
-) -> torch.Tensor:
-    extension = _extension()
-    if extension is None:
-        return reference.linear_4bit(x, packed, absmax, code, blocksize, shape)
+def _linear_4bit(
+    extension: Any, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+    shape: Sequence[int],
+) -> torch.Tensor:  # fmt: skip
     check_linear_4bit_args(x, packed, absmax, code, blocksize, shape, features_dim=1)
     with torch.cuda.device(x.device):
         return extension.linear_4bit(x, packed, absmax, code, blocksize, [int(d) for d in shape], _stream(x))
 
 
-def _linear_4bit_input_grad_cuda(
-    grad: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-    shape: Sequence[int],
+def _linear_4bit_input_grad(
+    extension: Any, grad: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+    blocksize: int, shape: Sequence[int],
 ) -> torch.Tensor:  # fmt: skip
-    extension = _extension()
-    if extension is None:
-        return reference.linear_4bit_input_grad(grad, packed, absmax, code, blocksize, shape)
     check_linear_4bit_args(grad, packed, absmax, code, blocksize, shape, features_dim=0)
     with torch.cuda.device(grad.device):
         return extension.linear_4bit_input_grad(grad, packed, absmax, code, blocksize, [int(d) for d in shape],
                                                 _stream(grad))  # fmt: skip
 
 
-def _bgmv_cuda(x: torch.Tensor, pool: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor, ranks: torch.Tensor,
-               scales: torch.Tensor, indices: torch.Tensor, out_features: int) -> torch.Tensor:  # fmt: skip
-    extension = _extension()
-    if extension is None:
-        return reference.bgmv(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
+def _bgmv(
+    extension: Any, x: torch.Tensor, pool: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor,
+    ranks: torch.Tensor, scales: torch.Tensor, indices: torch.Tensor, out_features: int,
+) -> torch.Tensor:  # fmt: skip
     check_bgmv_args(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
     x, pool, a_rows, b_rows = x.contiguous(), pool.contiguous(), a_rows.contiguous(), b_rows.contiguous()
     ranks, scales, indices = ranks.contiguous(), scales.contiguous(), indices.contiguous()
@@ -115,8 +100,12 @@ def _bgmv_cuda(x: torch.Tensor, pool: torch.Tensor, a_rows: torch.Tensor, b_rows
     return y
 
 
-torch.library.register_kernel(qualified_name("quantize_4bit"), "cuda", _quantize_4bit_cuda)
-torch.library.register_kernel(qualified_name("dequantize_4bit"), "cuda", _dequantize_4bit_cuda)
-torch.library.register_kernel(qualified_name("linear_4bit"), "cuda", _linear_4bit_cuda)
-torch.library.register_kernel(qualified_name("linear_4bit_input_grad"), "cuda", _linear_4bit_input_grad_cuda)
-torch.library.register_kernel(qualified_name("bgmv"), "cuda", _bgmv_cuda)
+#: The CUDA registration table; the blockwise 8-bit pair has no CUDA kernel and keeps the reference one.
+CUDA_KERNELS = {
+    "quantize_4bit": _quantize_4bit,
+    "dequantize_4bit": _dequantize_4bit,
+    "linear_4bit": _linear_4bit,
+    "linear_4bit_input_grad": _linear_4bit_input_grad,
+    "bgmv": _bgmv,
+}
+register_backend("cuda", cuda_extension, CUDA_KERNELS)

@@ -3,7 +3,8 @@
 The CPU kernels for ``quantize_4bit``, ``dequantize_4bit``, the blockwise 8-bit pair (double
 quantization of absmax; stochastic 8-bit rounding stays on the reference), ``linear_4bit``,
 ``linear_4bit_input_grad`` and ``bgmv`` are registered at import as thin Python kernels that validate with
-our typed errors. Loading is lazy, so ``import lightning_qlora`` stays fast: the first op call
+our typed errors, through the one table :data:`CPU_KERNELS` and :func:`~lightning_qlora.ops._backends.register_backend`
+(which owns the reference fallback for every device). Loading is lazy, so ``import lightning_qlora`` stays fast: the first op call
 compiles ``csrc/cpu`` (ninja, about 30 s on 2 cores) through :mod:`lightning_qlora.ops._build`,
 which owns the sources, flags, cache directory (``~/.cache/lightning_qlora/build``) and build
 lock; later processes load the cached build in about a second. If the build fails, one
@@ -21,6 +22,7 @@ import torch
 from lightning_qlora.errors import BLOCK_SIZES_4BIT, BLOCK_SIZES_8BIT, check_block_size, check_float_dtype, check_output_dtype
 from lightning_qlora.errors import ShapeMismatchError
 from lightning_qlora.ops import reference
+from lightning_qlora.ops._backends import register_backend
 from lightning_qlora.ops._build import CSRC, FORCE_REFERENCE_ENV, force_reference, reset
 from lightning_qlora.ops._build import extension as load_extension
 from lightning_qlora.ops.schemas import (
@@ -29,7 +31,6 @@ from lightning_qlora.ops.schemas import (
     check_dequantize_4bit_args,
     check_dequantize_8bit_args,
     check_linear_4bit_args,
-    qualified_name,
 )
 
 __all__ = ["CSRC", "FORCE_REFERENCE_ENV", "backend", "cpu_extension"]
@@ -61,30 +62,25 @@ def backend() -> str:
     return "reference" if _force_reference() or cpu_extension() is None else "cpp"
 
 
-def _quantize_4bit_cpu(A: torch.Tensor, code: torch.Tensor, blocksize: int, seed: int | None = None) -> Any:
-    extension = None if _force_reference() else cpu_extension()
-    if extension is None:
-        return reference.quantize_4bit(A, code, blocksize, seed)
+def _quantize_4bit(extension: Any, A: torch.Tensor, code: torch.Tensor, blocksize: int, seed: int | None = None) -> Any:
     check_float_dtype(A)
     check_block_size(blocksize, BLOCK_SIZES_4BIT)
     check_codebook(code, 16)
     return extension.quantize_4bit(A, code, blocksize, seed)
 
 
-def _dequantize_4bit_cpu(
-    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: Sequence[int], dtype: torch.dtype
-) -> torch.Tensor:
-    extension = None if _force_reference() else cpu_extension()
-    if extension is None:
-        return reference.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype)
+def _dequantize_4bit(
+    extension: Any, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+    shape: Sequence[int], dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
     check_output_dtype(dtype)
     check_dequantize_4bit_args(packed, absmax, code, blocksize, shape)
     return extension.dequantize_4bit(packed, absmax, code, blocksize, [int(d) for d in shape], dtype)
 
 
-def _quantize_blockwise_8bit_cpu(A: torch.Tensor, code: torch.Tensor, blocksize: int, seed: int | None = None) -> Any:
-    extension = None if _force_reference() else cpu_extension()
-    if extension is None or seed is not None:
+def _quantize_blockwise_8bit(extension: Any, A: torch.Tensor, code: torch.Tensor, blocksize: int,
+                             seed: int | None = None) -> Any:  # fmt: skip
+    if seed is not None:  # stochastic 8-bit rounding has no compiled kernel
         return reference.quantize_blockwise_8bit(A, code, blocksize, seed)
     check_float_dtype(A)
     check_block_size(blocksize, BLOCK_SIZES_8BIT)
@@ -92,38 +88,26 @@ def _quantize_blockwise_8bit_cpu(A: torch.Tensor, code: torch.Tensor, blocksize:
     return extension.quantize_blockwise_8bit(A, reference.encode_lookup_table_8bit(code), blocksize)
 
 
-def _dequantize_blockwise_8bit_cpu(
-    codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
+def _dequantize_blockwise_8bit(
+    extension: Any, codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    extension = None if _force_reference() else cpu_extension()
-    if extension is None:
-        return reference.dequantize_blockwise_8bit(codes, absmax, code, blocksize, dtype)
     check_output_dtype(dtype)
     check_dequantize_8bit_args(codes, absmax, code, blocksize)
     return extension.dequantize_blockwise_8bit(codes, absmax, code, blocksize, dtype)
 
 
-def _linear_4bit_cpu(
-    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: Sequence[int]
-) -> torch.Tensor:
-    extension = None if _force_reference() else cpu_extension()
-    if extension is None:
-        return reference.linear_4bit(x, packed, absmax, code, blocksize, shape)
+def _linear_4bit(
+    extension: Any, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+    shape: Sequence[int],
+) -> torch.Tensor:  # fmt: skip
     check_linear_4bit_args(x, packed, absmax, code, blocksize, shape, features_dim=1)
     return extension.linear_4bit(x, packed, absmax, code, blocksize, [int(d) for d in shape])
 
 
-def _linear_4bit_input_grad_cpu(
-    grad: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    blocksize: int,
-    shape: Sequence[int],
-) -> torch.Tensor:
-    extension = None if _force_reference() else cpu_extension()
-    if extension is None:
-        return reference.linear_4bit_input_grad(grad, packed, absmax, code, blocksize, shape)
+def _linear_4bit_input_grad(
+    extension: Any, grad: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+    blocksize: int, shape: Sequence[int],
+) -> torch.Tensor:  # fmt: skip
     check_linear_4bit_args(grad, packed, absmax, code, blocksize, shape, features_dim=0)
     return extension.linear_4bit_input_grad(grad, packed, absmax, code, blocksize, [int(d) for d in shape])
 
@@ -132,19 +116,10 @@ _BGMV_STATUS = {1: "an index names no adapter slot (valid: -1 .. slots-1)", 2: "
                 3: "a table names a pool row outside the pool (freed pages or stale offsets)"}  # fmt: skip
 
 
-def _bgmv_cpu(
-    x: torch.Tensor,
-    pool: torch.Tensor,
-    a_rows: torch.Tensor,
-    b_rows: torch.Tensor,
-    ranks: torch.Tensor,
-    scales: torch.Tensor,
-    indices: torch.Tensor,
-    out_features: int,
-) -> torch.Tensor:
-    extension = None if _force_reference() else cpu_extension()
-    if extension is None:
-        return reference.bgmv(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
+def _bgmv(
+    extension: Any, x: torch.Tensor, pool: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor,
+    ranks: torch.Tensor, scales: torch.Tensor, indices: torch.Tensor, out_features: int,
+) -> torch.Tensor:  # fmt: skip
     check_bgmv_args(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
     x, pool, a_rows, b_rows = x.contiguous(), pool.contiguous(), a_rows.contiguous(), b_rows.contiguous()
     ranks, scales, indices = ranks.contiguous(), scales.contiguous(), indices.contiguous()
@@ -155,10 +130,14 @@ def _bgmv_cpu(
     return y
 
 
-torch.library.register_kernel(qualified_name("quantize_4bit"), "cpu", _quantize_4bit_cpu)
-torch.library.register_kernel(qualified_name("dequantize_4bit"), "cpu", _dequantize_4bit_cpu)
-torch.library.register_kernel(qualified_name("quantize_blockwise_8bit"), "cpu", _quantize_blockwise_8bit_cpu)
-torch.library.register_kernel(qualified_name("dequantize_blockwise_8bit"), "cpu", _dequantize_blockwise_8bit_cpu)
-torch.library.register_kernel(qualified_name("linear_4bit"), "cpu", _linear_4bit_cpu)
-torch.library.register_kernel(qualified_name("linear_4bit_input_grad"), "cpu", _linear_4bit_input_grad_cpu)
-torch.library.register_kernel(qualified_name("bgmv"), "cpu", _bgmv_cpu)
+#: The CPU registration table: op name -> compiled kernel (validation, then the extension's call).
+CPU_KERNELS = {
+    "quantize_4bit": _quantize_4bit,
+    "dequantize_4bit": _dequantize_4bit,
+    "quantize_blockwise_8bit": _quantize_blockwise_8bit,
+    "dequantize_blockwise_8bit": _dequantize_blockwise_8bit,
+    "linear_4bit": _linear_4bit,
+    "linear_4bit_input_grad": _linear_4bit_input_grad,
+    "bgmv": _bgmv,
+}
+register_backend("cpu", cpu_extension, CPU_KERNELS)

@@ -25,7 +25,17 @@ def test_no_cuda_means_no_build_and_no_warning(recwarn):
     assert not [w for w in recwarn if "CUDA" in str(w.message)]
 
 
-def test_every_cuda_source_is_listed():
+def test_every_cuda_source_is_in_the_one_extension():
+    # paged_memory.cu included: the managed-memory page store has no loader of its own any more.
     listed = set(_cuda_extension.SOURCES)
-    on_disk = {p.name for p in (_cuda_extension.CSRC / "cuda").glob("*.cu")} - {"paged_memory.cu"}  # loaded by ctypes
-    assert on_disk <= listed and "bindings.cpp" in listed
+    on_disk = {p.name for p in (_cuda_extension.CSRC / "cuda").glob("*.cu")}
+    assert "paged_memory.cu" in on_disk and on_disk <= listed and "bindings.cpp" in listed
+
+
+def test_the_managed_page_store_has_no_native_loader_of_its_own():
+    from pathlib import Path
+
+    from lightning_qlora.optim.stores import cuda_managed
+
+    source = Path(cuda_managed.__file__).read_text()
+    assert "import ctypes" not in source and "import subprocess" not in source and "CDLL" not in source

@@ -4,11 +4,12 @@
 #include <stdint.h>
 
 #include "lightning_qlora/element.h"
+#include "lightning_qlora/float_type.h"
 
 namespace lightning_qlora {
 namespace cpu {
 
-enum class FloatType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+using lightning_qlora::FloatType;  // shared with the CUDA side (lightning_qlora/float_type.h)
 
 // Blockwise 4-bit quantization of n elements; packed holds ceil(n/2) bytes, absmax ceil(n/blocksize).
 void quantize_4bit(const void* input, FloatType type, int64_t n, const Codebook4& book, int64_t blocksize,
