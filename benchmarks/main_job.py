@@ -65,8 +65,9 @@ def run_ours(args: argparse.Namespace, quant: str) -> dict[str, Any]:
     torch.set_float32_matmul_precision("high")  # as the console entry point does
     with tempfile.TemporaryDirectory() as run_dir, initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         overrides = [f"trainer.max_steps={args.steps}", f"evaluate.limit={args.eval_examples}", f"seed={args.seed}",
-                     f"quant={quant}", f"run_dir={run_dir}", "callbacks=none", "logger=csv", "save_adapter=false",
-                     "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]  # fmt: skip
+                     f"quant={quant}", f"compute_dtype={args.compute_dtype}", f"run_dir={run_dir}", "callbacks=none",
+                     "logger=csv", "save_adapter=false", "+trainer.enable_progress_bar=false",
+                     "+trainer.enable_model_summary=false"]  # fmt: skip
         cfg = compose("train", overrides=overrides)
         results = run(cfg)
     from lightning_qlora.ops import backend
@@ -225,7 +226,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def _spawn(arm: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     command = [sys.executable, __file__, "--worker", arm, "--steps", str(args.steps), "--eval-examples",
-               str(args.eval_examples), "--seed", str(seed)]  # fmt: skip
+               str(args.eval_examples), "--seed", str(seed), "--compute-dtype", args.compute_dtype]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -265,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds; each runs every arm once, alternating")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (one round per seed and round)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--compute-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="compute_dtype of the ours/float arms (the app's default: auto)")
     parser.add_argument("--json", type=Path, default=None, help="write every row and the summary here")
     parser.add_argument("--step-ab", type=int, default=0, metavar="N",
                         help="instead: N interleaved training steps per variant (dtype, LoRA path) in one process")
