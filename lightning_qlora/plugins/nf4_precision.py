@@ -98,6 +98,7 @@ class FabricNF4Precision(FabricPrecision):
         self.spec = QLoRASpec(mode=mode, blocksize=blocksize, adapter=adapter, target_modules=target_modules,
                               skip_modules=tuple(skip_modules))  # fmt: skip
         self.compute_dtype = choose_compute_dtype(compute_dtype)
+        self._auto_dtype = compute_dtype == "auto"  # measured: a resumed run takes the checkpoint's choice
         self._modules: list[weakref.ref[nn.Module]] = []
 
     # -- conversion ------------------------------------------------------------------------
@@ -270,6 +271,22 @@ class NF4Precision(Precision, FabricNF4Precision):
         output = Precision.optimizer_step(self, optimizer, model, closure, **kwargs)
         self._after_step()
         return output
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The compute dtype in use, so that a resumed ``"auto"`` run computes in the same one."""
+        return {"compute_dtype": str(self.compute_dtype).removeprefix("torch.")}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """On resume, ``compute_dtype="auto"`` takes the dtype the checkpointed run measured and used.
+
+        ``auto`` is a measurement, and a second process can measure the other way round; an exact
+        resume needs the same dtype. An explicit ``compute_dtype`` is the user's choice and stays.
+        """
+        recorded = getattr(torch, str(state_dict.get("compute_dtype", "")), None)
+        if self._auto_dtype and isinstance(recorded, torch.dtype) and recorded != self.compute_dtype:
+            self.compute_dtype = recorded
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -94,3 +94,35 @@ def test_the_real_measurement_times_both_dtypes():
         seconds = compute_dtype_module.time_qlora_layer_step(dtype)
         assert 0.0 < seconds < 60.0
     assert compute_dtype_module.choose_compute_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
+
+
+def test_a_resumed_auto_run_computes_in_the_dtype_its_checkpoint_was_trained_in(monkeypatch, tmp_path):
+    # Two processes can measure the other way round; resuming must not switch dtype mid-run.
+    import lightning as L
+
+    from tests.plugins.test_plain_module import UserModule
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def fit(plugin: NF4Precision, max_steps: int, ckpt_path: str | None = None) -> None:
+        checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=2)
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, plugins=[plugin], callbacks=[checkpoints])
+        trainer.fit(UserModule(), ckpt_path=ckpt_path)
+
+    _fake_timings(monkeypatch, fp32=0.010, bf16=0.004)
+    first = NF4Precision(compute_dtype="auto")
+    assert first.compute_dtype == torch.bfloat16
+    fit(first, 2)
+    checkpoint = str(next(tmp_path.glob("*step=2*.ckpt")))
+
+    compute_dtype_module.forget_measurements()
+    _fake_timings(monkeypatch, fp32=0.010, bf16=0.030)  # this process would pick fp32 by itself
+    resumed = NF4Precision(compute_dtype="auto")
+    assert resumed.compute_dtype == torch.float32
+    fit(resumed, 3, ckpt_path=checkpoint)
+    assert resumed.compute_dtype == torch.bfloat16
+
+    explicit = NF4Precision(compute_dtype="fp32")  # an explicit dtype is the user's choice and stays
+    explicit.load_state_dict(first.state_dict())
+    assert explicit.compute_dtype == torch.float32
