@@ -30,11 +30,25 @@ import threading
 import time
 from pathlib import Path
 
-LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                 tie_word_embeddings=False)  # fmt: skip
-SMALL = dict(LLAMA2_7B, hidden_size=1024, intermediate_size=2816, num_hidden_layers=20, num_attention_heads=16,
-             num_key_value_heads=16)  # fmt: skip
+LLAMA2_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+SMALL = dict(
+    LLAMA2_7B,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=20,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+)
 GIB = 1 << 30
 
 
@@ -74,9 +88,12 @@ def _worker_ours(directory: str, steps: int, tokens: int, new_tokens: int, limit
     before = _status_kb("VmRSS")
     start = time.perf_counter()
     model, _ = load_causal_lm(directory, mode="nf4-dq", compute_dtype="fp32", progress=True)
-    result = {"load_s": time.perf_counter() - start, "load_peak_gb": _status_kb("VmHWM") / 2**20,
-              "load_growth_gb": (_status_kb("VmHWM") - before) / 2**20,
-              "after_load_gb": _status_kb("VmRSS") / 2**20}  # fmt: skip
+    result = {
+        "load_s": time.perf_counter() - start,
+        "load_peak_gb": _status_kb("VmHWM") / 2**20,
+        "load_growth_gb": (_status_kb("VmHWM") - before) / 2**20,
+        "after_load_gb": _status_kb("VmRSS") / 2**20,
+    }
     inject_adapters(model, LoRAConfig(r=16, alpha=32), "all-linear")
     optimizer = torch.optim.AdamW(adapter_param_groups(model, 1e-4))
     batch = torch.randint(0, 32000, (1, tokens), generator=torch.Generator().manual_seed(0))
@@ -95,10 +112,12 @@ def _worker_ours(directory: str, steps: int, tokens: int, new_tokens: int, limit
     model.eval()
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(batch[:, :8], max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
-                             pad_token_id=0)  # fmt: skip
-    result.update(generate_s=time.perf_counter() - start, generated=out.shape[1] - 8,
-                  retention_limited=retention_limited)  # fmt: skip
+        out = model.generate(
+            batch[:, :8], max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens, pad_token_id=0
+        )
+    result.update(
+        generate_s=time.perf_counter() - start, generated=out.shape[1] - 8, retention_limited=retention_limited
+    )
     return result
 
 
@@ -106,19 +125,30 @@ def _worker_bnb(directory: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     _reset_peak()
     before = _status_kb("VmRSS")
     start = time.perf_counter()
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization, dtype=torch.float32,
-                                                     device_map="cpu", local_files_only=True)  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, quantization_config=quantization, dtype=torch.float32, device_map="cpu", local_files_only=True
+        )
     except Exception as error:  # noqa: BLE001 -- how it fails is the result
-        return {"error": f"{type(error).__name__}: {str(error)[:300]}", "load_s": time.perf_counter() - start,
-                "load_peak_gb": _status_kb("VmHWM") / 2**20}  # fmt: skip
-    result = {"load_s": time.perf_counter() - start, "load_peak_gb": _status_kb("VmHWM") / 2**20,
-              "load_growth_gb": (_status_kb("VmHWM") - before) / 2**20}  # fmt: skip
+        return {
+            "error": f"{type(error).__name__}: {str(error)[:300]}",
+            "load_s": time.perf_counter() - start,
+            "load_peak_gb": _status_kb("VmHWM") / 2**20,
+        }
+    result = {
+        "load_s": time.perf_counter() - start,
+        "load_peak_gb": _status_kb("VmHWM") / 2**20,
+        "load_growth_gb": (_status_kb("VmHWM") - before) / 2**20,
+    }
     result["linear4bit_layers"] = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
     return result
 
@@ -153,8 +183,10 @@ def _run_worker(args: list[str], cap_gb: float, timeout_s: float) -> dict:
         return {"error": f"timed out after {timeout_s:.0f} s"}
     watcher.join()
     if killed:
-        return {"error": f"RSS passed the {cap_gb:.0f} GiB cap after {killed['after_s']:.0f} s of loading "
-                         f"(killed by the watchdog at {killed['rss_gb']:.1f} GiB)"}
+        return {
+            "error": f"RSS passed the {cap_gb:.0f} GiB cap after {killed['after_s']:.0f} s of loading "
+            f"(killed by the watchdog at {killed['rss_gb']:.1f} GiB)"
+        }
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if process.returncode != 0 or not lines:
         return {"error": f"exited with status {process.returncode}"}
@@ -166,21 +198,34 @@ def _table(checkpoint: dict, ours: dict, bnb: dict) -> str:
         return fmt.format(result[key]) if key in result else "–"
 
     rows = [
-        ("checkpoint", f"{checkpoint['params'] / 1e9:.2f} B params, {checkpoint['gb']:.1f} GB bf16 in "
-                       f"{checkpoint['shards']} shards (written in {checkpoint['write_s']:.0f} s)", ""),  # fmt: skip
+        (
+            "checkpoint",
+            f"{checkpoint['params'] / 1e9:.2f} B params, {checkpoint['gb']:.1f} GB bf16 in "
+            f"{checkpoint['shards']} shards (written in {checkpoint['write_s']:.0f} s)",
+            "",
+        ),
         ("load wall time", cell(ours, "load_s", "{:.0f} s"), cell(bnb, "load_s", "{:.0f} s")),
         ("peak RSS while loading", cell(ours, "load_peak_gb", "{:.2f} GiB"), cell(bnb, "load_peak_gb", "{:.2f} GiB")),
         ("RSS after loading", cell(ours, "after_load_gb", "{:.2f} GiB"), ""),
-        ("peak RSS during 3 LoRA steps", cell(ours, "train_peak_gb", "{:.2f} GiB")
-         + (" (allocator retention limited)" if ours.get("retention_limited") else ""), ""),
-        ("LoRA step (1 x 64 tokens), median",
-         f"{sorted(ours['step_s'])[len(ours['step_s']) // 2]:.1f} s" if "step_s" in ours else "–", ""),
+        (
+            "peak RSS during 3 LoRA steps",
+            cell(ours, "train_peak_gb", "{:.2f} GiB")
+            + (" (allocator retention limited)" if ours.get("retention_limited") else ""),
+            "",
+        ),
+        (
+            "LoRA step (1 x 64 tokens), median",
+            f"{sorted(ours['step_s'])[len(ours['step_s']) // 2]:.1f} s" if "step_s" in ours else "–",
+            "",
+        ),
         ("8 greedy tokens", cell(ours, "generate_s", "{:.1f} s"), ""),
     ]
     if "error" in ours or "error" in bnb:
         rows.append(("failure", ours.get("error", ""), bnb.get("error", "")))
-    lines = ["| | lightning_qlora `load_causal_lm` (NF4+DQ) | transformers + bitsandbytes (NF4+DQ, fp32 compute) |",
-             "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]  # fmt: skip
+    lines = [
+        "| | lightning_qlora `load_causal_lm` (NF4+DQ) | transformers + bitsandbytes (NF4+DQ, fp32 compute) |",
+        "|---|---|---|",
+    ] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)
 
 
@@ -190,9 +235,12 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="a ~0.3B model instead of 7B (smoke test)")
     parser.add_argument("--skip-bnb", action="store_true", help="skip the transformers + bitsandbytes side")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint")
-    parser.add_argument("--glibc-default", action="store_true",
-                        help="leave glibc's allocator as it is (by default the worker calls "
-                             "lightning_qlora.host_memory.limit_allocator_retention())")  # fmt: skip
+    parser.add_argument(
+        "--glibc-default",
+        action="store_true",
+        help="leave glibc's allocator as it is (by default the worker calls "
+        "lightning_qlora.host_memory.limit_allocator_retention())",
+    )
     parser.add_argument("--rss-cap-gb", type=float, default=14.0, help="kill a worker whose RSS passes this")
     parser.add_argument("--min-available-gb", type=float, default=16.0, help="refuse to start with less available")
     args = parser.parse_args()
@@ -212,8 +260,12 @@ def main() -> None:
         tiny_tokenizer().save_pretrained(directory)
         shards = sorted(directory.glob("model-*.safetensors"))
         size = sum(p.stat().st_size for p in shards)
-        checkpoint = {"params": size / 2, "gb": size / 1e9, "shards": len(shards),
-                      "write_s": time.perf_counter() - start}  # fmt: skip
+        checkpoint = {
+            "params": size / 2,
+            "gb": size / 1e9,
+            "shards": len(shards),
+            "write_s": time.perf_counter() - start,
+        }
         print(f"checkpoint: {checkpoint}", flush=True)
         worker = ["--worker", "ours", str(directory)] + (["--glibc-default"] if args.glibc_default else [])
         ours = _run_worker(worker, args.rss_cap_gb, 3600)

@@ -32,8 +32,9 @@ def main() -> None:
     model, tokenizer = load_smollm2()
     quantize_linears(model, "nf4", 64, True)
     engine = GenerationEngine(model, tokenizer, num_pages=8192, max_batch_size=8)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Write a haiku about the sea."}],
-                                           add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Write a haiku about the sea."}], add_generation_prompt=True, tokenize=False
+    )
 
     def generate(tokens: int) -> float:
         start = time.perf_counter()
@@ -46,8 +47,10 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         profiled_rate = generate(args.tokens)
     print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
-    print(f"single stream, base, {args.tokens} tokens, {args.threads} threads: {rate:.1f} tok/s "
-          f"({profiled_rate:.1f} tok/s under the profiler)")
+    print(
+        f"single stream, base, {args.tokens} tokens, {args.threads} threads: {rate:.1f} tok/s "
+        f"({profiled_rate:.1f} tok/s under the profiler)"
+    )
 
 
 if __name__ == "__main__":

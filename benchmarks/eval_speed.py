@@ -48,8 +48,9 @@ def _worker(variant: str, limit: int) -> dict[str, float]:
     apply_qlora(model, QLoRASpec(mode="nf4-dq", adapter=adapter, target_modules="all-linear"))
     examples = read_instruction_jsonl(task_paths("iso_dates")["test_path"])[:limit]
     start = time.perf_counter()
-    metrics = evaluate_instruction_model(model, tokenizer, examples, batch_size=50, max_new_tokens=12,
-                                         show_progress=False)  # fmt: skip
+    metrics = evaluate_instruction_model(
+        model, tokenizer, examples, batch_size=50, max_new_tokens=12, show_progress=False
+    )
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "exact_match": float(metrics["exact_match"]), "loss": float(metrics["loss"])}
 
@@ -57,8 +58,14 @@ def _worker(variant: str, limit: int) -> dict[str, float]:
 def _run(variant: str, limit: int, old: Path | None) -> dict[str, float]:
     code_root = old if variant == "old" else Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(code_root)}
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--limit", str(limit)],
-                          cwd=code_root, env=env, capture_output=True, text=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--limit", str(limit)],
+        cwd=code_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"variant {variant!r} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -84,7 +91,10 @@ def main(argv: list[str]) -> None:
     for variant in variants:
         results[variant] = _run(variant, args.limit, args.old)
         r = results[variant]
-        print(f"{variant:<10} {r['seconds']:8.1f} s   exact match {r['exact_match']:.3f}   loss {r['loss']:.4f}", flush=True)
+        print(
+            f"{variant:<10} {r['seconds']:8.1f} s   exact match {r['exact_match']:.3f}   loss {r['loss']:.4f}",
+            flush=True,
+        )
     if "old" in results and "new" in results:
         print(f"old / new: {results['old']['seconds'] / results['new']['seconds']:.2f}x (target >= 2x)")
     if "fused-off" in results and "new" in results:

@@ -49,8 +49,9 @@ def _evaluate(model: Any, tokenizer: Any, examples: list[Any]) -> dict[str, Any]
     from lightning_qlora.data import evaluate_instruction_model
 
     start = time.perf_counter()
-    result = evaluate_instruction_model(model, tokenizer, examples, batch_size=50, max_new_tokens=12, max_length=64,
-                                        show_progress=False)  # fmt: skip
+    result = evaluate_instruction_model(
+        model, tokenizer, examples, batch_size=50, max_new_tokens=12, max_length=64, show_progress=False
+    )
     return {"exact_match": result["exact_match"], "loss": result["loss"], "seconds": time.perf_counter() - start}
 
 
@@ -64,18 +65,33 @@ def run_ours(args: argparse.Namespace, quant: str) -> dict[str, Any]:
 
     torch.set_float32_matmul_precision("high")  # as the console entry point does
     with tempfile.TemporaryDirectory() as run_dir, initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        overrides = [f"trainer.max_steps={args.steps}", f"evaluate.limit={args.eval_examples}", f"seed={args.seed}",
-                     f"quant={quant}", f"compute_dtype={args.compute_dtype}", f"run_dir={run_dir}", "callbacks=none",
-                     "logger=csv", "save_adapter=false", "+trainer.enable_progress_bar=false",
-                     "+trainer.enable_model_summary=false"]  # fmt: skip
+        overrides = [
+            f"trainer.max_steps={args.steps}",
+            f"evaluate.limit={args.eval_examples}",
+            f"seed={args.seed}",
+            f"quant={quant}",
+            f"compute_dtype={args.compute_dtype}",
+            f"run_dir={run_dir}",
+            "callbacks=none",
+            "logger=csv",
+            "save_adapter=false",
+            "+trainer.enable_progress_bar=false",
+            "+trainer.enable_model_summary=false",
+        ]
         cfg = compose("train", overrides=overrides)
         results = run(cfg)
     from lightning_qlora.ops import backend
 
     dtypes = measured_compute_dtypes()
     chosen = ", ".join(str(v["chosen"]) for v in dtypes.values()) or cfg.compute_dtype
-    return {"train_seconds": results["train_seconds"], "before": results["before"], "after": results["after"],
-            "compute_dtype": chosen, "measured_dtypes": dtypes, "kernels": backend()}  # fmt: skip
+    return {
+        "train_seconds": results["train_seconds"],
+        "before": results["before"],
+        "after": results["after"],
+        "compute_dtype": chosen,
+        "measured_dtypes": dtypes,
+        "kernels": backend(),
+    }
 
 
 def _restore_bnb_training_layout(model: Any) -> int:
@@ -85,7 +101,9 @@ def _restore_bnb_training_layout(model: Any) -> int:
 
     restored = 0
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(
+            module.weight.quant_state, "packing_format_for_cpu", False
+        ):
             module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
                 module.weight.data, module.weight.quant_state
             )
@@ -106,14 +124,26 @@ def run_peft(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_float32_matmul_precision("high")
     L.seed_everything(args.seed, workers=True)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     with read_directory(default_cache_dir()) as directory:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, quantization_config=quantization,
-                                                     device_map="cpu", local_files_only=True)  # fmt: skip
-    data = InstructionDataModule(tokenizer, **task_paths("iso_dates"), batch_size=8, eval_batch_size=32, max_length=64,
-                                 system_prompt="", seed=args.seed)  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, quantization_config=quantization, device_map="cpu", local_files_only=True
+        )
+    data = InstructionDataModule(
+        tokenizer,
+        **task_paths("iso_dates"),
+        batch_size=8,
+        eval_batch_size=32,
+        max_length=64,
+        system_prompt="",
+        seed=args.seed,
+    )
     data.setup("fit")
     data.setup("test")
     test = data.examples["test"][: args.eval_examples]
@@ -122,8 +152,9 @@ def run_peft(args: argparse.Namespace) -> dict[str, Any]:
     restored = _restore_bnb_training_layout(model)
 
     fit_start = time.perf_counter()
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))  # fmt: skip
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999))
     val_batches = [batch for _, batch in zip(range(2), data.val_dataloader())]
@@ -149,8 +180,13 @@ def run_peft(args: argparse.Namespace) -> dict[str, Any]:
     train_seconds = time.perf_counter() - fit_start
     model.eval()
     after = _evaluate(model, tokenizer, test)
-    return {"train_seconds": train_seconds, "before": before, "after": after, "compute_dtype": "fp32",
-            "bnb_layers_restored_for_training": restored}  # fmt: skip
+    return {
+        "train_seconds": train_seconds,
+        "before": before,
+        "after": after,
+        "compute_dtype": "fp32",
+        "bnb_layers_restored_for_training": restored,
+    }
 
 
 def _plain_lora_delta(layer: Any, x: Any, base_out: Any) -> Any:
@@ -180,8 +216,9 @@ def step_ab(args: argparse.Namespace) -> dict[str, Any]:
     plugin = FabricNF4Precision(mode="nf4-dq", adapter=LoRAConfig(r=16, alpha=32.0, dropout=0.05))
     plugin.convert_module(model)
     model.train()
-    data = InstructionDataModule(tokenizer, **task_paths("iso_dates"), batch_size=8, max_length=64, system_prompt="",
-                                 seed=args.seed)  # fmt: skip
+    data = InstructionDataModule(
+        tokenizer, **task_paths("iso_dates"), batch_size=8, max_length=64, system_prompt="", seed=args.seed
+    )
     data.setup("fit")
     batches = list(zip(range(args.step_ab + 1), data.train_dataloader()))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -218,20 +255,37 @@ def step_ab(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def worker(args: argparse.Namespace) -> None:
-    result = run_ours(args, "nf4_dq") if args.worker == "ours" else run_ours(args, "none") if args.worker == "float" \
-        else run_peft(args)  # fmt: skip
+    result = (
+        run_ours(args, "nf4_dq")
+        if args.worker == "ours"
+        else run_ours(args, "none")
+        if args.worker == "float"
+        else run_peft(args)
+    )
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def _spawn(arm: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--worker", arm, "--steps", str(args.steps), "--eval-examples",
-               str(args.eval_examples), "--seed", str(seed), "--compute-dtype", args.compute_dtype]  # fmt: skip
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        arm,
+        "--steps",
+        str(args.steps),
+        "--eval-examples",
+        str(args.eval_examples),
+        "--seed",
+        str(seed),
+        "--compute-dtype",
+        args.compute_dtype,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"arm {arm} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    return {"arm": arm, "seed": seed, **json.loads(lines[-1][len("RESULT "):])}
+    return {"arm": arm, "seed": seed, **json.loads(lines[-1][len("RESULT ") :])}
 
 
 def _median(rows: list[dict[str, Any]], key: Any) -> float:
@@ -245,11 +299,17 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mine = [row for row in rows if row["arm"] == arm]
         if not mine:
             continue
-        table.append({"arm": arm, "runs": len(mine), "train_s": _median(mine, lambda r: r["train_seconds"]),
-                      "eval_s": _median(mine, lambda r: r["before"]["seconds"] + r["after"]["seconds"]),
-                      "peak_rss_mb": _median(mine, lambda r: r["peak_rss_mb"]),
-                      "em_before": statistics.mean(r["before"]["exact_match"] for r in mine),
-                      "em_after": statistics.mean(r["after"]["exact_match"] for r in mine)})  # fmt: skip
+        table.append(
+            {
+                "arm": arm,
+                "runs": len(mine),
+                "train_s": _median(mine, lambda r: r["train_seconds"]),
+                "eval_s": _median(mine, lambda r: r["before"]["seconds"] + r["after"]["seconds"]),
+                "peak_rss_mb": _median(mine, lambda r: r["peak_rss_mb"]),
+                "em_before": statistics.mean(r["before"]["exact_match"] for r in mine),
+                "em_after": statistics.mean(r["after"]["exact_match"] for r in mine),
+            }
+        )
     ours = next((row for row in table if row["arm"] == "ours"), None)
     for row in table:
         if ours is not None:
@@ -266,11 +326,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds; each runs every arm once, alternating")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (one round per seed and round)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    parser.add_argument("--compute-dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="compute_dtype of the ours/float arms (the app's default: auto)")
+    parser.add_argument(
+        "--compute-dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="compute_dtype of the ours/float arms (the app's default: auto)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every row and the summary here")
-    parser.add_argument("--step-ab", type=int, default=0, metavar="N",
-                        help="instead: N interleaved training steps per variant (dtype, LoRA path) in one process")
+    parser.add_argument(
+        "--step-ab",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: N interleaved training steps per variant (dtype, LoRA path) in one process",
+    )
     parser.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -287,22 +356,33 @@ def main(argv: list[str] | None = None) -> int:
             for arm in args.arms if round_index % 2 == 0 else list(reversed(args.arms)):
                 row = _spawn(arm, args, seed)
                 rows.append(row)
-                print(f"seed {seed} round {round_index + 1} {arm:5s}: train {row['train_seconds']:.1f} s, eval "
-                      f"{row['before']['seconds']:.1f} + {row['after']['seconds']:.1f} s, peak RSS "
-                      f"{row['peak_rss_mb']:.0f} MB, exact match {100 * row['before']['exact_match']:.1f}% -> "
-                      f"{100 * row['after']['exact_match']:.1f}% ({row['compute_dtype']})", flush=True)  # fmt: skip
+                print(
+                    f"seed {seed} round {round_index + 1} {arm:5s}: train {row['train_seconds']:.1f} s, eval "
+                    f"{row['before']['seconds']:.1f} + {row['after']['seconds']:.1f} s, peak RSS "
+                    f"{row['peak_rss_mb']:.0f} MB, exact match {100 * row['before']['exact_match']:.1f}% -> "
+                    f"{100 * row['after']['exact_match']:.1f}% ({row['compute_dtype']})",
+                    flush=True,
+                )
     table = summarize(rows)
-    print(f"\n{'arm':6s} {'runs':>4s} {'train s':>8s} {'eval s':>8s} {'peak MB':>8s} {'EM after':>8s} "
-          f"{'train/ours':>10s} {'eval/ours':>9s} {'RSS/ours':>8s}")  # fmt: skip
+    print(
+        f"\n{'arm':6s} {'runs':>4s} {'train s':>8s} {'eval s':>8s} {'peak MB':>8s} {'EM after':>8s} "
+        f"{'train/ours':>10s} {'eval/ours':>9s} {'RSS/ours':>8s}"
+    )
     for row in table:
-        print(f"{row['arm']:6s} {row['runs']:4d} {row['train_s']:8.1f} {row['eval_s']:8.1f} {row['peak_rss_mb']:8.0f} "
-              f"{100 * row['em_after']:7.1f}% {row.get('train_x', float('nan')):10.2f} "
-              f"{row.get('eval_x', float('nan')):9.2f} {row.get('rss_x', float('nan')):8.2f}")  # fmt: skip
+        print(
+            f"{row['arm']:6s} {row['runs']:4d} {row['train_s']:8.1f} {row['eval_s']:8.1f} {row['peak_rss_mb']:8.0f} "
+            f"{100 * row['em_after']:7.1f}% {row.get('train_x', float('nan')):10.2f} "
+            f"{row.get('eval_x', float('nan')):9.2f} {row.get('rss_x', float('nan')):8.2f}"
+        )
     if args.json is not None:
         from lightning_qlora.atomic import atomic_write_text
 
-        atomic_write_text(args.json, json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows,
-                                                 "summary": table}, indent=2, default=str))  # fmt: skip
+        atomic_write_text(
+            args.json,
+            json.dumps(
+                {"args": vars(args) | {"json": str(args.json)}, "rows": rows, "summary": table}, indent=2, default=str
+            ),
+        )
     return 0
 
 

@@ -24,8 +24,9 @@ def _params(total: int, tensors: int) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.randn(total // tensors, generator=generator)) for _ in range(tensors)]
 
 
-def _median_step(make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], total: int, tensors: int,
-                 warmup: int, steps: int) -> float:  # fmt: skip
+def _median_step(
+    make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], total: int, tensors: int, warmup: int, steps: int
+) -> float:
     params = _params(total, tensors)
     for param in params:
         param.grad = torch.randn_like(param) * 1e-2
@@ -52,12 +53,16 @@ def main() -> None:
     rows: list[tuple[str, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]]] = [
         ("torch.optim.AdamW (unpaged)", lambda ps: torch.optim.AdamW(ps, lr=1e-3)),
         ("PagedAdamW, host store", lambda ps: PagedAdamW(ps, lr=1e-3, store=HostPageStore())),
-        (f"PagedAdamW, mmap store, {args.budget_mib} MiB budget",
-         lambda ps: PagedAdamW(ps, lr=1e-3, store=MmapPageStore(page_dir, budget_bytes=budget))),
+        (
+            f"PagedAdamW, mmap store, {args.budget_mib} MiB budget",
+            lambda ps: PagedAdamW(ps, lr=1e-3, store=MmapPageStore(page_dir, budget_bytes=budget)),
+        ),
         ("PagedAdamW8bit, host store", lambda ps: PagedAdamW8bit(ps, lr=1e-3, store=HostPageStore())),
-        (f"PagedAdamW8bit, mmap store, {args.budget_mib} MiB budget",
-         lambda ps: PagedAdamW8bit(ps, lr=1e-3, store=MmapPageStore(page_dir, budget_bytes=budget))),
-    ]  # fmt: skip
+        (
+            f"PagedAdamW8bit, mmap store, {args.budget_mib} MiB budget",
+            lambda ps: PagedAdamW8bit(ps, lr=1e-3, store=MmapPageStore(page_dir, budget_bytes=budget)),
+        ),
+    ]
     results = [(name, _median_step(make, args.params, args.tensors, args.warmup, args.steps)) for name, make in rows]
     baseline = results[0][1]
     print(f"{args.params / 1e6:.0f}M parameters, {torch.get_num_threads()} threads, median of {args.steps} steps\n")

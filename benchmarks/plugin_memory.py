@@ -46,7 +46,11 @@ def model_bytes(model: nn.Module) -> int:
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        total += tensor.storage_nbytes() if isinstance(tensor, Quantized4bitTensor) else tensor.numel() * tensor.element_size()
+        total += (
+            tensor.storage_nbytes()
+            if isinstance(tensor, Quantized4bitTensor)
+            else tensor.numel() * tensor.element_size()
+        )
     return total
 
 
@@ -55,7 +59,9 @@ def main() -> None:
     model, _ = load_smollm2()
     gc.collect()
     float_bytes = model_bytes(model)
-    largest = max(m.weight.numel() * 4 for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head")
+    largest = max(
+        m.weight.numel() * 4 for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"
+    )
     before = current_rss_bytes()
     start = time.perf_counter()
     report = apply_qlora(model, QLoRASpec(mode="nf4-dq", adapter=LoRAConfig(r=16, alpha=32)))
@@ -66,14 +72,20 @@ def main() -> None:
     bound = final + 1.5 * largest + float_bytes
     mb = 1e6
     print(f"quantized {len(report.quantized)} Linear layers, adapted {len(report.adapted)} in {seconds:.1f} s")
-    print(f"fp32 model as loaded: {float_bytes / mb:.1f} MB; after conversion: {final / mb:.1f} MB "
-          f"(embeddings/lm_head stay fp32)")  # fmt: skip
-    print(f"RSS before conversion {before / mb:.1f} MB, after {current_rss_bytes() / mb:.1f} MB ({rss_parts()}), "
-          f"process peak {peak / mb:.1f} MB")  # fmt: skip
+    print(
+        f"fp32 model as loaded: {float_bytes / mb:.1f} MB; after conversion: {final / mb:.1f} MB "
+        f"(embeddings/lm_head stay fp32)"
+    )
+    print(
+        f"RSS before conversion {before / mb:.1f} MB, after {current_rss_bytes() / mb:.1f} MB ({rss_parts()}), "
+        f"process peak {peak / mb:.1f} MB"
+    )
     growth = peak - runtime
     print(f"runtime before loading {runtime / mb:.1f} MB; peak growth over it {growth / mb:.1f} MB")
-    print(f"bound final + 1.5 x largest fp32 Linear ({largest / mb:.1f} MB) + fp32 model = {bound / mb:.1f} MB: "
-          f"peak growth {'within' if growth <= bound else 'EXCEEDS'} it ({100 * growth / bound:.0f}%)")
+    print(
+        f"bound final + 1.5 x largest fp32 Linear ({largest / mb:.1f} MB) + fp32 model = {bound / mb:.1f} MB: "
+        f"peak growth {'within' if growth <= bound else 'EXCEEDS'} it ({100 * growth / bound:.0f}%)"
+    )
 
 
 if __name__ == "__main__":

@@ -43,10 +43,21 @@ import requests
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["Write a haiku about the sea.", "What is the capital of France?", "Give me three tips for sleeping well.",
-           "Explain recursion to a child.", "Translate 'good morning' to Spanish.", "Name a prime number above 50."]  # fmt: skip
+PROMPTS = [
+    "Write a haiku about the sea.",
+    "What is the capital of France?",
+    "Give me three tips for sleeping well.",
+    "Explain recursion to a child.",
+    "Translate 'good morning' to Spanish.",
+    "Name a prime number above 50.",
+]
 PEFT_BASE = "__base__"  # PEFT's adapter_names entry for "no adapter"
-TARGETS = (["q_proj", "v_proj"], "all-linear", ["gate_proj", "up_proj", "down_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"])
+TARGETS = (
+    ["q_proj", "v_proj"],
+    "all-linear",
+    ["gate_proj", "up_proj", "down_proj"],
+    ["q_proj", "k_proj", "v_proj", "o_proj"],
+)
 
 
 def make_adapters(model, count: int, root: Path) -> list[str]:
@@ -99,8 +110,13 @@ def drive_http_clients(url: str, workload: list[list[tuple[str, str, int]]], poo
     done = threading.Event()
 
     def complete(model: str, prompt: str, max_tokens: int) -> dict:
-        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                "temperature": 0, "stop": []}  # fmt: skip
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stop": [],
+        }
         reply = requests.post(f"{url}/v1/chat/completions", json=body, timeout=600)
         if reply.status_code != 200 or "usage" not in reply.json():
             raise RuntimeError(f"request to {url} for model {model!r} failed ({reply.status_code}): {reply.text[:300]}")
@@ -135,18 +151,33 @@ def drive_http_clients(url: str, workload: list[list[tuple[str, str, int]]], poo
     return result
 
 
-def run_server_load(adapters_dir: Path, workload: list[list[tuple[str, str, int]]], max_batch: int,
-                    num_pages: int = 8192) -> dict:
+def run_server_load(
+    adapters_dir: Path, workload: list[list[tuple[str, str, int]]], max_batch: int, num_pages: int = 8192
+) -> dict:
     """Start our server (``lightning-qlora serve``) on a free port of 127.0.0.1 and drive the workload against it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     log = open(adapters_dir / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "lightning_qlora.serving.cli", "serve", f"adapters_dir={adapters_dir}",
-                               "model=smollm2", f"port={port}", f"num_pages={num_pages}", f"max_batch_size={max_batch}",
-                               "log_level=warning"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lightning_qlora.serving.cli",
+            "serve",
+            f"adapters_dir={adapters_dir}",
+            "model=smollm2",
+            f"port={port}",
+            f"num_pages={num_pages}",
+            f"max_batch_size={max_batch}",
+            "log_level=warning",
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         for _ in range(1200):
             try:
@@ -166,9 +197,11 @@ def peer_command(adapters_dir: Path, names: list[str], threads: int) -> str:
     from lightning_qlora.models.smollm2 import default_cache_dir
 
     modules = " ".join(f"{name}={adapters_dir / name}" for name in names)
-    return (f"VLLM_CPU_OMP_THREADS_BIND=0-{threads - 1} vllm serve {default_cache_dir()} --served-model-name base "
-            f"--dtype float32 --enable-lora --max-lora-rank 32 --max-loras {len(names)} --lora-modules {modules} "
-            "--host 127.0.0.1 --port 8000")
+    return (
+        f"VLLM_CPU_OMP_THREADS_BIND=0-{threads - 1} vllm serve {default_cache_dir()} --served-model-name base "
+        f"--dtype float32 --enable-lora --max-lora-rank 32 --max-loras {len(names)} --lora-modules {modules} "
+        "--host 127.0.0.1 --port 8000"
+    )
 
 
 def run_engine_in_process(float_model, tokenizer, adapters_dir: Path, workload, max_batch: int, num_pages: int) -> dict:
@@ -181,7 +214,9 @@ def run_engine_in_process(float_model, tokenizer, adapters_dir: Path, workload, 
 
     model = copy.deepcopy(float_model)
     quantize_linears(model, "nf4", 64, True)
-    engine = GenerationEngine(model, tokenizer, adapters_dir=adapters_dir, num_pages=num_pages, max_batch_size=max_batch)
+    engine = GenerationEngine(
+        model, tokenizer, adapters_dir=adapters_dir, num_pages=num_pages, max_batch_size=max_batch
+    )
     latencies: list[float] = []
     tokens = [0]
     lock = threading.Lock()
@@ -189,8 +224,9 @@ def run_engine_in_process(float_model, tokenizer, adapters_dir: Path, workload, 
     def client(requests_of_client: list[tuple[str, str, int]]) -> None:
         for adapter, prompt, max_tokens in requests_of_client:
             start = time.perf_counter()
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                 tokenize=False)  # fmt: skip
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
             events = list(engine.submit(text, adapter, SamplingParams(max_tokens=max_tokens)))
             with lock:
                 latencies.append(time.perf_counter() - start)
@@ -216,13 +252,22 @@ def run_peft_baseline(float_model, tokenizer, adapters_dir: Path, names: list[st
     model = float_model
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
-            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                      compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)  # fmt: skip
+            layer = bnb.nn.Linear4bit(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                compute_dtype=torch.float32,
+                quant_type="nf4",
+                compress_statistics=True,
+            )
             weight = module.weight.detach()
-            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=64,
-                                             compress_statistics=True)  # fmt: skip
+            layer.weight = bnb.nn.Params4bit(
+                weight, requires_grad=False, quant_type="nf4", blocksize=64, compress_statistics=True
+            )
             layer = layer.to("cpu")
-            if not torch.equal(layer.weight.data.view(-1), quantize_4bit(weight, "nf4", 64, double_quant=True).packed.view(-1)):
+            if not torch.equal(
+                layer.weight.data.view(-1), quantize_4bit(weight, "nf4", 64, double_quant=True).packed.view(-1)
+            ):
                 raise RuntimeError(f"bitsandbytes and lightning_qlora NF4 codes differ for {name}")
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
@@ -236,15 +281,22 @@ def run_peft_baseline(float_model, tokenizer, adapters_dir: Path, names: list[st
     start = time.perf_counter()
     for wave in range(waves):
         batch = [w[wave] for w in workload if wave < len(w)]
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-                 for _, p, _ in batch]  # fmt: skip
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            for _, p, _ in batch
+        ]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         wave_start = time.perf_counter()
         with torch.inference_mode():
-            out = peft_model.generate(**enc, adapter_names=[PEFT_BASE if a == "base" else a for a, _, _ in batch], max_new_tokens=max(m for *_, m in batch),
-                                      do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            out = peft_model.generate(
+                **enc,
+                adapter_names=[PEFT_BASE if a == "base" else a for a, _, _ in batch],
+                max_new_tokens=max(m for *_, m in batch),
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         elapsed = time.perf_counter() - wave_start
-        for row in out[:, enc["input_ids"].shape[1]:]:
+        for row in out[:, enc["input_ids"].shape[1] :]:
             generated = row.tolist()
             if tokenizer.eos_token_id in generated:
                 generated = generated[: generated.index(tokenizer.eos_token_id)]
@@ -263,12 +315,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-pages", type=int, default=8192, help="server page pool size (pages)")
     parser.add_argument("--base-only", action="store_true", help="every request uses the base model, no adapter")
-    parser.add_argument("--adapters-dir", type=Path, default=None,
-                        help="write (or reuse) the benchmark's adapters here instead of a temporary directory")
-    parser.add_argument("--print-peer-command", action="store_true",
-                        help="write the adapters to --adapters-dir, print the vLLM command serving them, and exit")
-    parser.add_argument("--peer", default=None, metavar="URL",
-                        help="also drive this OpenAI-compatible server (e.g. vLLM started with the printed command)")
+    parser.add_argument(
+        "--adapters-dir",
+        type=Path,
+        default=None,
+        help="write (or reuse) the benchmark's adapters here instead of a temporary directory",
+    )
+    parser.add_argument(
+        "--print-peer-command",
+        action="store_true",
+        help="write the adapters to --adapters-dir, print the vLLM command serving them, and exit",
+    )
+    parser.add_argument(
+        "--peer",
+        default=None,
+        metavar="URL",
+        help="also drive this OpenAI-compatible server (e.g. vLLM started with the printed command)",
+    )
     args = parser.parse_args()
     if (args.print_peer_command or args.peer) and args.adapters_dir is None:
         parser.error("--peer and --print-peer-command need --adapters-dir (the peer must load the same adapter files)")
@@ -287,29 +350,42 @@ def main() -> None:
             print(peer_command(root.resolve(), names, args.threads))
             return
         choices = ["base"] if args.base_only else names
-        workload = [[(rng.choice(choices), rng.choice(PROMPTS), args.max_tokens) for _ in range(args.requests_per_client)]
-                    for _ in range(args.clients)]  # fmt: skip
+        workload = [
+            [(rng.choice(choices), rng.choice(PROMPTS), args.max_tokens) for _ in range(args.requests_per_client)]
+            for _ in range(args.clients)
+        ]
         ours = run_server_load(root, workload, args.max_batch, args.num_pages)
         engine = run_engine_in_process(float_model, tokenizer, root, workload, args.max_batch, args.num_pages)
         peft = run_peft_baseline(float_model, tokenizer, root, names, workload)
         peer = drive_http_clients(args.peer.rstrip("/"), workload, pool_stats=False) if args.peer else None
     ours_tps, peft_tps = ours["tokens"] / ours["wall"], peft["tokens"] / peft["wall"]
-    print(f"workload: {args.clients} clients x {args.requests_per_client} requests, {args.adapters} adapters "
-          f"(ranks 8/16/32), max_tokens={args.max_tokens}, greedy, SmolLM2-135M NF4, {args.threads} threads")  # fmt: skip
+    print(
+        f"workload: {args.clients} clients x {args.requests_per_client} requests, {args.adapters} adapters "
+        f"(ranks 8/16/32), max_tokens={args.max_tokens}, greedy, SmolLM2-135M NF4, {args.threads} threads"
+    )
     print(f"{'':36s}{'tokens':>8s}{'wall s':>9s}{'tok/s':>9s}{'p50 s':>8s}{'p90 s':>8s}{'p99 s':>8s}")
-    rows = [("lightning_qlora (HTTP)", ours), ("lightning_qlora engine (in-process)", engine),
-            ("PEFT adapter_names batch", peft)] + ([(f"peer {args.peer}"[:36], peer)] if peer else [])
+    rows = [
+        ("lightning_qlora (HTTP)", ours),
+        ("lightning_qlora engine (in-process)", engine),
+        ("PEFT adapter_names batch", peft),
+    ] + ([(f"peer {args.peer}"[:36], peer)] if peer else [])
     for label, r in rows:
         lat = r["latencies"]
-        print(f"{label:36s}{r['tokens']:8d}{r['wall']:9.2f}{r['tokens'] / r['wall']:9.2f}{statistics.median(lat):8.2f}"
-              f"{percentile(lat, 0.9):8.2f}{percentile(lat, 0.99):8.2f}")  # fmt: skip
+        print(
+            f"{label:36s}{r['tokens']:8d}{r['wall']:9.2f}{r['tokens'] / r['wall']:9.2f}{statistics.median(lat):8.2f}"
+            f"{percentile(lat, 0.9):8.2f}{percentile(lat, 0.99):8.2f}"
+        )
     engine_tps = engine["tokens"] / engine["wall"]
-    print(f"throughput ratio (ours / PEFT, same run): HTTP {ours_tps / peft_tps:.2f}x, engine in-process "
-          f"{engine_tps / peft_tps:.2f}x")  # fmt: skip
+    print(
+        f"throughput ratio (ours / PEFT, same run): HTTP {ours_tps / peft_tps:.2f}x, engine in-process "
+        f"{engine_tps / peft_tps:.2f}x"
+    )
     peak = ours["peak"]
-    print(f"pool: peak {peak['used_pages']}/{peak.get('num_pages', '?')} pages seen ({peak['occupancy']:.1%}; "
-          f"kv {peak.get('kv_pages', 0)}, adapters {peak.get('adapter_pages', 0)}), page = {peak.get('page_size', '?')} "
-          f"floats; adapter loads {ours['final']['adapter_loads']}, evictions {ours['final']['evictions']}")  # fmt: skip
+    print(
+        f"pool: peak {peak['used_pages']}/{peak.get('num_pages', '?')} pages seen ({peak['occupancy']:.1%}; "
+        f"kv {peak.get('kv_pages', 0)}, adapters {peak.get('adapter_pages', 0)}), page = {peak.get('page_size', '?')} "
+        f"floats; adapter loads {ours['final']['adapter_loads']}, evictions {ours['final']['evictions']}"
+    )
     summary = {"ours_tok_s": round(ours_tps, 3), "engine_tok_s": round(engine_tps, 3), "peft_tok_s": round(peft_tps, 3)}
     if peer:
         summary["peer_tok_s"] = round(peer["tokens"] / peer["wall"], 3)

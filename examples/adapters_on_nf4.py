@@ -24,8 +24,14 @@ from lightning_qlora.quantization.convert import quantize_linears
 
 def main(method: str = "lora") -> None:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = transformers.LlamaForCausalLM(config)
     quantized = quantize_linears(model, "nf4", blocksize=64, double_quant=True, skip=("lm_head",))
     adapter = ADAPTER_CONFIGS[method](r=8) if method != "vera" else ADAPTER_CONFIGS[method](r=32)

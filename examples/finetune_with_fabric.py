@@ -17,8 +17,11 @@ from lightning_qlora.plugins import FabricNF4Precision
 
 
 def main(steps: int = 20) -> None:
-    fabric = L.Fabric(accelerator="cpu", devices=1,
-                      plugins=[FabricNF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=DoRAConfig(r=8, alpha=16))])  # fmt: skip
+    fabric = L.Fabric(
+        accelerator="cpu",
+        devices=1,
+        plugins=[FabricNF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=DoRAConfig(r=8, alpha=16))],
+    )
     fabric.seed_everything(0)
     model, tokenizer = load_tiny_llama()
     model = fabric.setup_module(model.train())  # the plugin quantizes and injects adapters here

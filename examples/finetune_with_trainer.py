@@ -27,14 +27,23 @@ def main(model_name: str = "tiny", steps: int = 20) -> None:
     data.setup("test")
     test = data.examples["test"][:16]
     module = QLoRAModule(model, lr=1e-3)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        limit_val_batches=2, val_check_interval=10, callbacks=[AdapterSummary(max_rows=4)],
-                        plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=LoRAConfig(r=8, alpha=16))])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=2,
+        val_check_interval=10,
+        callbacks=[AdapterSummary(max_rows=4)],
+        plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=LoRAConfig(r=8, alpha=16))],
+    )
     trainer.fit(module, datamodule=data)
     metrics = evaluate_instruction_model(module.model, tokenizer, test, batch_size=16, max_new_tokens=12)
     directory = save_adapters(module.model, tempfile.mkdtemp(prefix="adapter_"))
-    print(f"after {trainer.global_step} steps: test exact match {metrics['exact_match']:.3f}, answer loss "
-          f"{metrics['loss']:.4f}; adapter saved to {directory}")  # fmt: skip
+    print(
+        f"after {trainer.global_step} steps: test exact match {metrics['exact_match']:.3f}, answer loss "
+        f"{metrics['loss']:.4f}; adapter saved to {directory}"
+    )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,14 @@ class MyModule(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+        config = transformers.LlamaConfig(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
         self.model = transformers.LlamaForCausalLM(config)
 
     def training_step(self, batch, batch_idx):
@@ -48,9 +54,15 @@ def fit(steps: int, ckpt_dir: Path, ckpt_path: str | None = None) -> MyModule:
     L.seed_everything(0)
     module = MyModule()
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_train_steps=8)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_model_summary=False,
-                        callbacks=[checkpoints],
-                        plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=DeltaLoRAConfig(r=4))])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_model_summary=False,
+        callbacks=[checkpoints],
+        plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=DeltaLoRAConfig(r=4))],
+    )
     trainer.fit(module, ckpt_path=ckpt_path)
     return module
 

@@ -24,7 +24,9 @@ def main() -> None:
     weight = quantize_4bit(dense.weight, "nf4", blocksize=64, double_quant=True)
     memory = weight_memory(weight)
     error = (weight.dequantize() - dense.weight).abs().max().item()
-    print(f"{weight}\n  {memory.bits_per_param:.3f} bits/param, {memory.saved_bytes:,} bytes saved, max |err| {error:.4f}")
+    print(
+        f"{weight}\n  {memory.bits_per_param:.3f} bits/param, {memory.saved_bytes:,} bytes saved, max |err| {error:.4f}"
+    )
 
     layer = Linear4bit(weight, dense.bias)
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,8 +48,10 @@ def main() -> None:
         # each order is within n * eps * sum|x w| of the exact product (Higham's gamma_n), so two are within 2x that.
         magnitude = (x.abs() @ weight.dequantize().abs().t()).max().item()
     bound = 2 * 1024 * torch.finfo(torch.float32).eps * magnitude
-    print(f"bitsandbytes.nn.Linear4bit loaded our state dict; codes bit-exact: {same_codes}; "
-          f"max output difference {difference:.2e} (round-off bound {bound:.2e})")
+    print(
+        f"bitsandbytes.nn.Linear4bit loaded our state dict; codes bit-exact: {same_codes}; "
+        f"max output difference {difference:.2e} (round-off bound {bound:.2e})"
+    )
 
 
 if __name__ == "__main__":

@@ -30,16 +30,25 @@ def main(run_dir: str | None = None) -> None:
     data = InstructionDataModule(tokenizer, **task_paths("iso_dates"), batch_size=8, max_length=384)
     logger = L.pytorch.loggers.WandbLogger(project="lightning_qlora", save_dir=run_dir, offline=True)
     logger.log_hyperparams({"adapter": "lora", "r": 8, "quant": "nf4-dq"})
-    trainer = L.Trainer(accelerator="cpu", max_steps=10, logger=logger, enable_checkpointing=False,
-                        limit_val_batches=1, val_check_interval=5, callbacks=[LossCurves(dirpath=run_dir)],
-                        plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=LoRAConfig(r=8))])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=10,
+        logger=logger,
+        enable_checkpointing=False,
+        limit_val_batches=1,
+        val_check_interval=5,
+        callbacks=[LossCurves(dirpath=run_dir)],
+        plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=LoRAConfig(r=8))],
+    )
     module = QLoRAModule(model, lr=1e-3)
     trainer.fit(module, datamodule=data)
     artifact = wandb.Artifact(name="adapter", type="model")
     artifact.add_dir(str(save_adapters(module.model, os.path.join(run_dir, "adapter"))))
     logger.experiment.log_artifact(artifact)
     wandb.finish()
-    print(f"W&B offline run written to {os.path.join(run_dir, 'wandb')}; upload with: wandb sync {run_dir}/wandb/offline-run-*")
+    print(
+        f"W&B offline run written to {os.path.join(run_dir, 'wandb')}; upload with: wandb sync {run_dir}/wandb/offline-run-*"
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ import os
 import sys
 
 #: Whether this module chose the policy (torch was not loaded yet and nothing was set).
-SET_BY_US = "torch" not in sys.modules and not os.environ.get("OMP_WAIT_POLICY") and not os.environ.get("GOMP_SPINCOUNT")
+SET_BY_US = (
+    "torch" not in sys.modules and not os.environ.get("OMP_WAIT_POLICY") and not os.environ.get("GOMP_SPINCOUNT")
+)
 if SET_BY_US:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 #: True if OpenMP was loaded (with torch) before we could choose; then the default spinning applies.

@@ -244,7 +244,6 @@ def atomic_save_safetensors(
 def atomic_torch_save(obj: object, path: str | Path) -> Path:
     """``torch.save(obj)`` to ``path`` atomically; returns ``path``."""
 
-
     def write(file: IO[bytes]) -> None:
         torch.save(obj, file)
 
@@ -446,7 +445,9 @@ def _holder_description(holder_file: Path) -> str:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | Path, purpose: str, timeout: float | None = None, quiet_for: float = 2.0) -> Iterator[None]:
+def exclusive_lock(
+    path: str | Path, purpose: str, timeout: float | None = None, quiet_for: float = 2.0
+) -> Iterator[None]:
     """Hold an inter-process exclusive lock on the file ``path`` while ``purpose`` runs.
 
     The lock is a ``flock`` (``filelock``), which the kernel releases when its holder dies, so a

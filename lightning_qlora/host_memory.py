@@ -45,8 +45,10 @@ def limit_allocator_retention(threshold_bytes: int = 1 << 20) -> bool:
     Raises:
         ConfigError: ``threshold_bytes`` is not an integer in ``[1, 32 MiB]``.
     """
-    if isinstance(threshold_bytes, bool) or not isinstance(threshold_bytes, int) or not (
-        1 <= threshold_bytes <= MAX_THRESHOLD_BYTES
+    if (
+        isinstance(threshold_bytes, bool)
+        or not isinstance(threshold_bytes, int)
+        or not (1 <= threshold_bytes <= MAX_THRESHOLD_BYTES)
     ):
         raise ConfigError(
             f"threshold_bytes={threshold_bytes!r} must be an integer in [1, {MAX_THRESHOLD_BYTES}] "

@@ -44,9 +44,14 @@ class QLoRAModule(L.LightningModule):
         adapters_only_checkpoints: keep only adapter tensors in checkpoints.
     """
 
-    def __init__(self, model: nn.Module, lr: float = 2e-4, weight_decay: float = 0.0,
-                 adapters_only_checkpoints: bool = False,
-                 optimizer: Callable[..., torch.optim.Optimizer] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        adapters_only_checkpoints: bool = False,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer

@@ -35,8 +35,15 @@ MODES: dict[str, tuple[str, bool] | None] = {
     "fp4-dq": ("fp4", True),
     "none": None,
 }
-_COMPUTE_DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                   "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
+_COMPUTE_DTYPES = {
+    "auto": None,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 class QLoRAConfigError(ConfigError, QuantizationError):
@@ -66,7 +73,9 @@ def resolve_compute_dtype(compute_dtype: str | torch.dtype, device: torch.device
     if isinstance(compute_dtype, torch.dtype):
         return compute_dtype
     if compute_dtype not in _COMPUTE_DTYPES:
-        raise QLoRAConfigError(f"compute_dtype={compute_dtype!r} is not supported; choose one of {', '.join(_COMPUTE_DTYPES)}.")
+        raise QLoRAConfigError(
+            f"compute_dtype={compute_dtype!r} is not supported; choose one of {', '.join(_COMPUTE_DTYPES)}."
+        )
     chosen = _COMPUTE_DTYPES[compute_dtype]
     if chosen is not None:
         return chosen
@@ -150,10 +159,15 @@ def apply_qlora(model: nn.Module, spec: QLoRASpec) -> QLoRAReport:
         raise QLoRAConfigError(f"{type(model).__name__} has no nn.Linear layer: there is nothing to quantize or adapt.")
     _check_existing_4bit(model, spec)
     formats = MODES[spec.mode]
-    to_quantize = [] if formats is None else [
-        name for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not _skipped(name, spec.skip_modules)
-    ]  # fmt: skip
+    to_quantize = (
+        []
+        if formats is None
+        else [
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not _skipped(name, spec.skip_modules)
+        ]
+    )
     if spec.adapter is not None:
         find_targets(model, spec.target_modules, exclude=spec.skip_modules)  # raises on a target that matches nothing
     quantized: list[str] = []

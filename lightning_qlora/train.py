@@ -65,8 +65,10 @@ def _check_data_paths(data_cfg: DictConfig) -> None:
         value = data_cfg.get(key)
         for path in [value] if isinstance(value, str) else list(value or []):
             if not Path(path).is_file():
-                raise DatasetNotFoundError(f"data.{key}: {path} does not exist; pass an existing JSONL file "
-                                           f"(data.{key}=/path/to/file.jsonl) or use data=iso_dates.")  # fmt: skip
+                raise DatasetNotFoundError(
+                    f"data.{key}: {path} does not exist; pass an existing JSONL file "
+                    f"(data.{key}=/path/to/file.jsonl) or use data=iso_dates."
+                )
 
 
 def _resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
@@ -74,7 +76,9 @@ def _resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
         return ckpt_path
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
-        raise FileNotFoundError(f"ckpt_path=last but {last} does not exist; resume with hydra.run.dir=<the old run dir>.")
+        raise FileNotFoundError(
+            f"ckpt_path=last but {last} does not exist; resume with hydra.run.dir=<the old run dir>."
+        )
     return str(last)
 
 
@@ -104,22 +108,34 @@ def _evaluated_examples(examples: list[Any], cfg: DictConfig) -> list[Any]:
 
 def _evaluate(module: QLoRAModule, tokenizer: Any, examples: list[Any], cfg: DictConfig, label: str) -> dict[str, Any]:
     start = time.perf_counter()
-    result = evaluate_instruction_model(module.model, tokenizer, _evaluated_examples(examples, cfg),
-                                        batch_size=cfg.evaluate.batch_size, max_new_tokens=cfg.evaluate.max_new_tokens,
-                                        max_length=cfg.data.get("max_length"))  # fmt: skip
+    result = evaluate_instruction_model(
+        module.model,
+        tokenizer,
+        _evaluated_examples(examples, cfg),
+        batch_size=cfg.evaluate.batch_size,
+        max_new_tokens=cfg.evaluate.max_new_tokens,
+        max_length=cfg.data.get("max_length"),
+    )
     result["seconds"] = time.perf_counter() - start
-    rank_zero_info(f"{label}: exact match {100 * result['exact_match']:.1f}% on {result['num_examples']} test examples, "
-                   f"answer loss {result['loss']:.4f} ({result['seconds']:.1f} s)")  # fmt: skip
+    rank_zero_info(
+        f"{label}: exact match {100 * result['exact_match']:.1f}% on {result['num_examples']} test examples, "
+        f"answer loss {result['loss']:.4f} ({result['seconds']:.1f} s)"
+    )
     return result
 
 
-def _write_predictions(results: dict[str, Any], examples: list[Any], cfg: DictConfig,
-                       run_dir: Path) -> list[dict[str, Any]]:  # fmt: skip
+def _write_predictions(
+    results: dict[str, Any], examples: list[Any], cfg: DictConfig, run_dir: Path
+) -> list[dict[str, Any]]:
     base, tuned = results.get("before"), results.get("after")
     if not (base or tuned):
         return []
-    return write_predictions(run_dir / PREDICTIONS_FILE, _evaluated_examples(examples, cfg),
-                             base["predictions"] if base else None, tuned["predictions"] if tuned else None)  # fmt: skip
+    return write_predictions(
+        run_dir / PREDICTIONS_FILE,
+        _evaluated_examples(examples, cfg),
+        base["predictions"] if base else None,
+        tuned["predictions"] if tuned else None,
+    )
 
 
 def _save_adapter(module: QLoRAModule, run_dir: Path) -> dict[str, Any]:
@@ -151,14 +167,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # everything that can be wrong in the config fails here, before the (slow) model load
     _check_data_paths(cfg.data)
     adapter = _build(cfg.adapter)
-    plugin = NF4Precision(mode=cfg.quant.mode, blocksize=cfg.quant.blocksize, compute_dtype=cfg.compute_dtype,
-                          adapter=adapter, target_modules=cfg.target_modules,
-                          skip_modules=tuple(cfg.skip_modules))  # fmt: skip
+    plugin = NF4Precision(
+        mode=cfg.quant.mode,
+        blocksize=cfg.quant.blocksize,
+        compute_dtype=cfg.compute_dtype,
+        adapter=adapter,
+        target_modules=cfg.target_modules,
+        skip_modules=tuple(cfg.skip_modules),
+    )
     optimizer = _build(cfg.optimizer)
     callbacks = [_build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     ckpt_path = _resolve_ckpt_path(cfg.ckpt_path, run_dir)
-    loggers = [_build(c, **_resumed_logger_kwargs(c, ckpt_path, run_dir))
-               for c in (cfg.get("logger") or {}).values() if c is not None]  # fmt: skip
+    loggers = [
+        _build(c, **_resumed_logger_kwargs(c, ckpt_path, run_dir))
+        for c in (cfg.get("logger") or {}).values()
+        if c is not None
+    ]
     trainer: L.Trainer = _build(cfg.trainer, plugins=[plugin], callbacks=callbacks, logger=loggers or False)
     # checkpoints as a same-directory temporary + fsync + rename, never a copy from $TMPDIR (issue 15)
     install_atomic_checkpoint_io(trainer.strategy)
@@ -189,15 +213,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["total_seconds"] = time.perf_counter() - start
     if trainer.is_global_zero:
-        metrics = {f"test/{phase}_{key}": float(results[phase][key]) for phase in ("before", "after")
-                   if phase in results for key in ("exact_match", "loss")}  # fmt: skip
+        metrics = {
+            f"test/{phase}_{key}": float(results[phase][key])
+            for phase in ("before", "after")
+            if phase in results
+            for key in ("exact_match", "loss")
+        }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.finalize("success")
         predictions = _write_predictions(results, data.examples["test"], cfg, run_dir)
         results["files"] = list_run_files(run_dir, also=("results.json",))  # written just below
-        slim = {k: ({kk: vv for kk, vv in v.items() if kk != "predictions"} if isinstance(v, dict) else v)
-                for k, v in results.items()}  # fmt: skip
+        slim = {
+            k: ({kk: vv for kk, vv in v.items() if kk != "predictions"} if isinstance(v, dict) else v)
+            for k, v in results.items()
+        }
         atomic_write_text(run_dir / "results.json", json.dumps(slim, indent=2))
         print_report(results, run_dir, predictions, shown_predictions=cfg.evaluate.get("show", 5))
     return results

@@ -283,7 +283,7 @@ def test_writer_waits_for_reader(tmp_path: Path) -> None:
     with atomic_directory(target) as tmp:
         _fill(tmp, "v1")
     # Stop the writer once its tree is filled; it then blocks on the lock held by our reader.
-    child = _DIR_CHILD.replace('if stop == "fill":', 'if False:') + '\n    print("SWAPPED", flush=True)\n'
+    child = _DIR_CHILD.replace('if stop == "fill":', "if False:") + '\n    print("SWAPPED", flush=True)\n'
     script = child.replace(
         "    with atomic.atomic_directory(target) as tmp:",
         '    print("STOPPED", flush=True)\n    with atomic.atomic_directory(target) as tmp:',

@@ -16,8 +16,14 @@ transformers = pytest.importorskip("transformers")
 
 def _module(**kwargs) -> QLoRAModule:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return QLoRAModule(transformers.LlamaForCausalLM(config), lr=1e-2, **kwargs)
 
 
@@ -27,9 +33,17 @@ def _data() -> DataLoader:
 
 
 def _fit(module: QLoRAModule, steps: int, adapter, tmp_path=None, ckpt_path=None, callbacks=()) -> L.Trainer:
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=bool(callbacks), callbacks=list(callbacks),
-                        plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=adapter)])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(callbacks),
+        callbacks=list(callbacks),
+        plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=adapter)],
+    )
     L.seed_everything(0)
     trainer.fit(module, train_dataloaders=_data(), ckpt_path=ckpt_path)
     return trainer

@@ -11,8 +11,16 @@ from lightning_qlora.train import CONFIG_DIR, run
 
 PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 # the presets' own settings, on the tiny in-memory model and without the evaluations (seconds, not minutes)
-TINY = ["model=tiny_llama", "logger=csv", "evaluate.before=false", "evaluate.after=false", "data.batch_size=2",
-        "data.max_length=256", "trainer.val_check_interval=null", "trainer.limit_val_batches=0"]  # fmt: skip
+TINY = [
+    "model=tiny_llama",
+    "logger=csv",
+    "evaluate.before=false",
+    "evaluate.after=false",
+    "data.batch_size=2",
+    "data.max_length=256",
+    "trainer.val_check_interval=null",
+    "trainer.limit_val_batches=0",
+]
 
 
 @pytest.mark.slow

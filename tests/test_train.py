@@ -17,9 +17,21 @@ from lightning_qlora.adapters import AdapterConfigError
 from lightning_qlora.data import DatasetNotFoundError
 from lightning_qlora.train import CONFIG_DIR, run
 
-GROUPS = {group: sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
-          for group in ("model", "data", "quant", "adapter", "optimizer", "strategy", "trainer", "logger", "callbacks",
-                        "experiment")}  # fmt: skip
+GROUPS = {
+    group: sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+    for group in (
+        "model",
+        "data",
+        "quant",
+        "adapter",
+        "optimizer",
+        "strategy",
+        "trainer",
+        "logger",
+        "callbacks",
+        "experiment",
+    )
+}
 SMOKE = ["experiment=smoke", "logger=csv"]
 
 
@@ -30,8 +42,17 @@ def _compose(overrides: list[str], run_dir: Path | str = "/tmp/unused", hydra_co
 
 def test_config_groups_are_the_documented_ones():
     assert GROUPS["quant"] == ["fp4", "fp4_dq", "nf4", "nf4_dq", "none"]
-    assert set(GROUPS["adapter"]) == {"lora", "lora_plus", "vera", "lora_fa", "dora", "delta_lora", "adalora",
-                                      "lora_drop", "moe_lora"}  # fmt: skip
+    assert set(GROUPS["adapter"]) == {
+        "lora",
+        "lora_plus",
+        "vera",
+        "lora_fa",
+        "dora",
+        "delta_lora",
+        "adalora",
+        "lora_drop",
+        "moe_lora",
+    }
     assert {"auto", "paged", "ddp"} <= set(GROUPS["strategy"]) and {"cpu", "gpu", "debug"} <= set(GROUPS["trainer"])
     assert {"csv", "tensorboard", "wandb"} <= set(GROUPS["logger"])
 
@@ -58,8 +79,11 @@ def test_fast_dev_run_of_every_adapter_and_quant(adapter, quant, tmp_path):
     if adapter == "lora_drop":
         overrides.append("callbacks.lora_drop.stage1_steps=2")  # fast_dev_run stops before the switch
     if adapter == "adalora":
-        overrides += ["callbacks.adalora_budget.total_steps=10", "callbacks.adalora_budget.final_warmup=1",
-                      "callbacks.adalora_budget.init_warmup=1"]  # fmt: skip
+        overrides += [
+            "callbacks.adalora_budget.total_steps=10",
+            "callbacks.adalora_budget.final_warmup=1",
+            "callbacks.adalora_budget.init_warmup=1",
+        ]
     results = run(_compose(overrides, tmp_path))
     assert results["steps"] == 1
     assert (tmp_path / "adapter" / "adapter.json").is_file()
@@ -79,8 +103,11 @@ def test_main_job_path_end_to_end_on_the_tiny_model(tmp_path):
 
 
 def test_paged_strategy_pages_the_optimizer_state(tmp_path):
-    results = run(_compose([*SMOKE, "strategy=paged", "evaluate.before=false", "evaluate.after=false",
-                            "trainer.max_steps=2"], tmp_path))  # fmt: skip
+    results = run(
+        _compose(
+            [*SMOKE, "strategy=paged", "evaluate.before=false", "evaluate.after=false", "trainer.max_steps=2"], tmp_path
+        )
+    )
     assert results["optimizer"] == "PagedAdamW" and results["steps"] == 2
     assert (tmp_path / "optimizer_pages").is_dir()
 
@@ -93,16 +120,28 @@ def test_wandb_offline_run_files_are_written(tmp_path, monkeypatch):
 
 
 def test_tensorboard_event_files_are_written(tmp_path):
-    run(_compose([*SMOKE, "logger=tensorboard", "evaluate.before=false", "evaluate.after=false",
-                  "trainer.max_steps=2"], tmp_path))  # fmt: skip
+    run(
+        _compose(
+            [*SMOKE, "logger=tensorboard", "evaluate.before=false", "evaluate.after=false", "trainer.max_steps=2"],
+            tmp_path,
+        )
+    )
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_two_job_multirun_from_another_directory(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
     # lightning_qlora.cli is the console script's entry point (Hydra then finds conf/ as a package)
-    command = [sys.executable, "-m", "lightning_qlora.cli", "-m", *SMOKE, "adapter=lora,dora", "trainer=debug",
-               f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_qlora.cli",
+        "-m",
+        *SMOKE,
+        "adapter=lora,dora",
+        "trainer=debug",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     jobs = sorted((tmp_path / "sweep").glob("*/adapter/adapter.json"))
@@ -124,8 +163,16 @@ def test_config_mistakes_fail_before_training(tmp_path):
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_a_job(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "lightning_qlora.cli", "-m", "launcher=submitit_local", *SMOKE, "trainer=debug",
-               f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_qlora.cli",
+        "-m",
+        "launcher=submitit_local",
+        *SMOKE,
+        "trainer=debug",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (results,) = (tmp_path / "sweep").glob("*/results.json")

@@ -60,7 +60,9 @@ class AdaLoRAConfig(AdapterConfig):
             values = tensors[f"{name}.lora_E"].float() * tensors[f"{name}.rank_mask"].float()
             lora_A, lora_B = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
         except KeyError as error:
-            raise AdapterConfigError(f"adapter tensor {error.args[0]} is missing; the adapter file is incomplete.") from None
+            raise AdapterConfigError(
+                f"adapter tensor {error.args[0]} is missing; the adapter file is incomplete."
+            ) from None
         return LoRAFactors(values.unsqueeze(1) * lora_A, lora_B, self.scaling)
 
 
@@ -125,6 +127,7 @@ class AdaLoRALayer(AdapterLayer):
 
     def triplet_scores(self) -> torch.Tensor:
         """``S_i`` per rank ``i`` (zeros before any :meth:`update_importance`)."""
+
         def score(name: str) -> torch.Tensor:
             if name not in self._ema:
                 return torch.zeros_like(getattr(self, name))
@@ -135,23 +138,36 @@ class AdaLoRALayer(AdapterLayer):
 
     def lora_factors(self) -> LoRAFactors:
         values = (self.lora_E * self.rank_mask).detach().float()
-        return LoRAFactors(values.unsqueeze(1) * self.lora_A.detach().float(), self.lora_B.detach().float(), self.scaling)
+        return LoRAFactors(
+            values.unsqueeze(1) * self.lora_A.detach().float(), self.lora_B.detach().float(), self.scaling
+        )
 
     def peft_state(self, name: str) -> PeftState:
         config = self.config
         # pruned ranks are exported as zero singular values: PEFT then computes the same outputs
-        tensors = {"lora_A": self.lora_A.detach().contiguous(), "lora_B": self.lora_B.detach().contiguous(),
-                   "lora_E": (self.lora_E * self.rank_mask).detach().unsqueeze(1).contiguous()}  # fmt: skip
-        peft_config = {"peft_type": "ADALORA", "init_r": config.r, "lora_alpha": config.alpha,
-                       "lora_dropout": config.dropout, "orth_reg_weight": config.orth_reg_weight, "total_step": 1,
-                       "rank_pattern": None}  # fmt: skip
+        tensors = {
+            "lora_A": self.lora_A.detach().contiguous(),
+            "lora_B": self.lora_B.detach().contiguous(),
+            "lora_E": (self.lora_E * self.rank_mask).detach().unsqueeze(1).contiguous(),
+        }
+        peft_config = {
+            "peft_type": "ADALORA",
+            "init_r": config.r,
+            "lora_alpha": config.alpha,
+            "lora_dropout": config.dropout,
+            "orth_reg_weight": config.orth_reg_weight,
+            "total_step": 1,
+            "rank_pattern": None,
+        }
         return PeftState(peft_config, tensors)
 
     @torch.no_grad()
     def set_rank_mask(self, mask: torch.Tensor) -> None:
         """Keep ranks where ``mask`` is true (``(r,)``); masked ``lambda`` is also zeroed."""
         if mask.shape != self.rank_mask.shape:
-            raise AdapterConfigError(f"rank mask must have shape {tuple(self.rank_mask.shape)}, got {tuple(mask.shape)}")
+            raise AdapterConfigError(
+                f"rank mask must have shape {tuple(self.rank_mask.shape)}, got {tuple(mask.shape)}"
+            )
         self.rank_mask.copy_(mask.to(self.rank_mask.dtype))
         self.lora_E.mul_(self.rank_mask)
 

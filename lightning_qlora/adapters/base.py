@@ -128,10 +128,16 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         check_positive_int(self.method, "r", self.r, " (typical: 4..64)")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= self.dropout < 1.0
+        ):
             raise AdapterConfigError(f"{self.method}: dropout={self.dropout!r} must be a number in [0, 1), e.g. 0.05.")
         alpha = getattr(self, "alpha", None)  # the scaled methods (not VeRA, which has no alpha) declare it
-        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha)):
+        if alpha is not None and (
+            isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha)
+        ):
             raise AdapterConfigError(f"{self.method}: alpha={alpha!r} must be a finite number (typical: 2 * r).")
 
     def build(self, base: nn.Module) -> AdapterLayer:

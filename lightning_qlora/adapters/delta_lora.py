@@ -85,8 +85,12 @@ class DeltaLoRALayer(LoRALayer):
         if isinstance(self.base.weight, Quantized4bitTensor):
             a, b = self.lora_A.detach().to(x.dtype), self.lora_B.detach().to(x.dtype)
             lam = self.config.delta_scale * self.scaling
-            pending = lam * (torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)
-                             - torch.nn.functional.linear(torch.nn.functional.linear(x, self.ref_A.to(x.dtype)), self.ref_B.to(x.dtype)))  # fmt: skip
+            pending = lam * (
+                torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)
+                - torch.nn.functional.linear(
+                    torch.nn.functional.linear(x, self.ref_A.to(x.dtype)), self.ref_B.to(x.dtype)
+                )
+            )
             out = out + pending
         return out
 
@@ -104,8 +108,13 @@ class DeltaLoRALayer(LoRALayer):
         elif int(self.steps) % self.config.fold_every == 0:
             target = base_weight(self.base) + self.pending_weight()
             seed = self.config.seed + int(self.folds)
-            folded = quantize_4bit(target.to(weight.dtype), weight.quant_type, weight.blocksize,
-                                   double_quant=weight.double_quantized, seed=seed)  # fmt: skip
+            folded = quantize_4bit(
+                target.to(weight.dtype),
+                weight.quant_type,
+                weight.blocksize,
+                double_quant=weight.double_quantized,
+                seed=seed,
+            )
             self.base.weight = nn.Parameter(folded, requires_grad=False)
             self.folds += 1
         else:
@@ -113,7 +122,6 @@ class DeltaLoRALayer(LoRALayer):
         self.ref_A.copy_(self.lora_A)
         self.ref_B.copy_(self.lora_B)
         return True
-
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         # the base moved: it belongs to the adapter (4-bit bases in bitsandbytes' keys)

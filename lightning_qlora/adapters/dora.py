@@ -58,7 +58,11 @@ class DoRALayer(LoRALayer):
         weight = self.base.weight
         stored = weight.packed if isinstance(weight, Quantized4bitTensor) else weight  # a 4-bit weight's storage
         tensors = (self.lora_A, self.lora_B, weight, stored)
-        return (self.scaling, *((id(t), t._version) for t in tensors), *(t.data_ptr() for t in tensors[:2] + tensors[3:]))
+        return (
+            self.scaling,
+            *((id(t), t._version) for t in tensors),
+            *(t.data_ptr() for t in tensors[:2] + tensors[3:]),
+        )
 
     def _cached_weight_norm(self) -> torch.Tensor:
         """``||W0 + s B A||_row``, detached; cached outside training (see the module docstring)."""

@@ -34,15 +34,23 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def find_targets(model: nn.Module, target_modules: str | Sequence[str], exclude: Iterable[str] = ("lm_head",)) -> list[str]:
+def find_targets(
+    model: nn.Module, target_modules: str | Sequence[str], exclude: Iterable[str] = ("lm_head",)
+) -> list[str]:
     """Qualified names of the Linear layers ``target_modules`` selects (minus ``exclude``)."""
     exclude = tuple(exclude)
     linears = [
-        name for name, module in model.named_modules()
-        if isinstance(module, _LINEAR_TYPES) and not isinstance(module, AdapterLayer)
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, _LINEAR_TYPES)
+        and not isinstance(module, AdapterLayer)
         and ".base" not in f".{name}"  # layers already inside an adapter
-    ]  # fmt: skip
-    patterns = None if target_modules == "all-linear" else ([target_modules] if isinstance(target_modules, str) else list(target_modules))
+    ]
+    patterns = (
+        None
+        if target_modules == "all-linear"
+        else ([target_modules] if isinstance(target_modules, str) else list(target_modules))
+    )
     chosen = []
     for name in linears:
         if any(_matches(name, e) for e in exclude):

@@ -78,7 +78,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AdapterFileError(f"{path} is not valid JSON ({error}); the adapter file is damaged.") from error
     if not isinstance(data, dict):
-        raise AdapterFileError(f"{path} holds a JSON {type(data).__name__}, not an object; the adapter file is damaged.")
+        raise AdapterFileError(
+            f"{path} holds a JSON {type(data).__name__}, not an object; the adapter file is damaged."
+        )
     return data
 
 
@@ -112,10 +114,10 @@ def read_adapter_files(directory: str | Path) -> AdapterFiles:
         if (root / CONFIG_FILE).exists():
             meta = _read_json(root / CONFIG_FILE)
             if meta.get("format") != "lightning_qlora":
-                raise AdapterFileError(f"{root / CONFIG_FILE} is not a lightning_qlora adapter config (no \"format\").")
+                raise AdapterFileError(f'{root / CONFIG_FILE} is not a lightning_qlora adapter config (no "format").')
             _require(meta, root / CONFIG_FILE, "config", "targets")
             if not isinstance(meta["config"], dict) or not isinstance(meta["targets"], list):
-                raise AdapterFileError(f"{root / CONFIG_FILE}: \"config\" must be an object and \"targets\" a list.")
+                raise AdapterFileError(f'{root / CONFIG_FILE}: "config" must be an object and "targets" a list.')
             _require(meta["config"], root / CONFIG_FILE, "method", "r")
             config_from_dict(meta["config"])  # unknown methods or fields fail before the weights are read
             return AdapterFiles("lightning_qlora", directory, meta, _read_weights(root / WEIGHTS_FILE))
@@ -204,7 +206,9 @@ def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
-        raise AdapterConfigError(f"adapter weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+        raise AdapterConfigError(
+            f"adapter weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
     for key, value in tensors.items():
         if value.shape != own[key].shape and ".quant_state." not in key:  # that one is a JSON byte string
             raise AdapterConfigError(
@@ -215,7 +219,9 @@ def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, layer in by_root.items():
             prefix = name + "."
-            layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=False)
+            layer.load_state_dict(
+                {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=False
+            )
         model_held = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in by_root)}
         if model_held:
             model.load_state_dict(model_held, strict=False)
@@ -248,8 +254,9 @@ def load_adapters(model: nn.Module, directory: str | Path, expected_method: str 
     return targets
 
 
-def _inject_then_load(model: nn.Module, config: Any, targets: list[str], exclude: tuple[str, ...],
-                      tensors: dict[str, torch.Tensor]) -> None:  # fmt: skip
+def _inject_then_load(
+    model: nn.Module, config: Any, targets: list[str], exclude: tuple[str, ...], tensors: dict[str, torch.Tensor]
+) -> None:
     """Inject and load; on a mismatch the injected adapters are taken off again (the model is unchanged)."""
     originals = {name: model.get_submodule(name) for name in targets if _has_module(model, name)}
     flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
@@ -284,11 +291,15 @@ def _merge_shared(shared: dict[str, torch.Tensor], name: str, key: str, tensor: 
     if tensor is None:
         return
     if tensor.dim() != current.dim() or any(s > c for s, c in zip(tensor.shape, current.shape, strict=True)):
-        raise AdapterConfigError(f"layer {name!r} brings a shared tensor {key!r} of shape {tuple(tensor.shape)} that "
-                                 f"does not fit the other layers' {tuple(current.shape)}.")  # fmt: skip
+        raise AdapterConfigError(
+            f"layer {name!r} brings a shared tensor {key!r} of shape {tuple(tensor.shape)} that "
+            f"does not fit the other layers' {tuple(current.shape)}."
+        )
     if not torch.equal(current[tuple(slice(0, s) for s in tensor.shape)], tensor):
-        raise AdapterConfigError(f"layer {name!r} brings a shared tensor {key!r} that differs from the other layers'; "
-                                 "their adapters were not made with one seed.")  # fmt: skip
+        raise AdapterConfigError(
+            f"layer {name!r} brings a shared tensor {key!r} that differs from the other layers'; "
+            "their adapters were not made with one seed."
+        )
 
 
 def peft_export_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -318,8 +329,16 @@ def peft_export_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch
         for key, value in state.shared.items():
             _merge_shared(shared, name, key, value)
     tensors.update({f"base_model.{key}": value.contiguous() for key, value in shared.items()})
-    config.update({"task_type": None, "target_modules": sorted(layers), "bias": "none", "fan_in_fan_out": False,
-                   "modules_to_save": None, "base_model_name_or_path": None})  # fmt: skip
+    config.update(
+        {
+            "task_type": None,
+            "target_modules": sorted(layers),
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "modules_to_save": None,
+            "base_model_name_or_path": None,
+        }
+    )
     config.setdefault("init_lora_weights" if config.get("peft_type") != "VERA" else "init_weights", True)
     return config, tensors
 
@@ -341,8 +360,12 @@ def _peft_name(key: str) -> str:
 def _import_vera(meta: dict[str, Any], raw: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
     if "base_model.vera_A" not in raw or "base_model.vera_B" not in raw:
         raise AdapterFileError("this PEFT VeRA adapter was saved without its projections (save_projection=False).")
-    config = VeRAConfig(r=int(meta["r"]), d_initial=float(meta.get("d_initial", 0.1)),
-                        seed=int(meta.get("projection_prng_key", 0)), dropout=float(meta.get("vera_dropout", 0.0)))  # fmt: skip
+    config = VeRAConfig(
+        r=int(meta["r"]),
+        d_initial=float(meta.get("d_initial", 0.1)),
+        seed=int(meta.get("projection_prng_key", 0)),
+        dropout=float(meta.get("vera_dropout", 0.0)),
+    )
     raw = dict(raw)
     vera_a, vera_b = raw.pop("base_model.vera_A"), raw.pop("base_model.vera_B")
     tensors: dict[str, torch.Tensor] = {}
@@ -355,9 +378,12 @@ def _import_vera(meta: dict[str, Any], raw: dict[str, torch.Tensor]) -> tuple[An
 
 
 def _import_adalora(meta: dict[str, Any], raw: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
-    config = AdaLoRAConfig(r=int(meta["init_r"]), alpha=float(meta["lora_alpha"]),
-                           dropout=float(meta.get("lora_dropout", 0.0)),
-                           orth_reg_weight=float(meta.get("orth_reg_weight", 0.5)))  # fmt: skip
+    config = AdaLoRAConfig(
+        r=int(meta["init_r"]),
+        alpha=float(meta["lora_alpha"]),
+        dropout=float(meta.get("lora_dropout", 0.0)),
+        orth_reg_weight=float(meta.get("orth_reg_weight", 0.5)),
+    )
     tensors: dict[str, torch.Tensor] = {}
     for key, value in raw.items():
         name = _peft_name(key)
@@ -391,8 +417,12 @@ def _import_lora(meta: dict[str, Any], raw: dict[str, torch.Tensor]) -> tuple[An
                 "adapters hold as one value per model; it can still be served (lightning-qlora serve)."
             )
     cls = DoRAConfig if meta.get("use_dora") else LoRAConfig
-    config = cls(r=int(meta["r"]), alpha=float(meta["lora_alpha"]), dropout=float(meta.get("lora_dropout", 0.0)),
-                 rslora=bool(meta.get("use_rslora", False)))  # fmt: skip
+    config = cls(
+        r=int(meta["r"]),
+        alpha=float(meta["lora_alpha"]),
+        dropout=float(meta.get("lora_dropout", 0.0)),
+        rslora=bool(meta.get("use_rslora", False)),
+    )
     tensors = {}
     for key, value in raw.items():
         name = _peft_name(key).replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B")
@@ -410,11 +440,15 @@ def import_peft(model: nn.Module, directory: str | Path, exclude: tuple[str, ...
     """
     files = read_adapter_files(directory)
     if files.format != "peft":
-        raise AdapterFileError(f"{directory} is one of our adapters; load it with lightning_qlora.adapters.load_adapters.")
+        raise AdapterFileError(
+            f"{directory} is one of our adapters; load it with lightning_qlora.adapters.load_adapters."
+        )
     peft_type = files.meta.get("peft_type")
     importer = _PEFT_IMPORTERS.get(peft_type)
     if importer is None:
-        raise AdapterFileError(f"PEFT adapter type {peft_type!r} cannot be imported; supported: {sorted(_PEFT_IMPORTERS)}.")
+        raise AdapterFileError(
+            f"PEFT adapter type {peft_type!r} cannot be imported; supported: {sorted(_PEFT_IMPORTERS)}."
+        )
     config, tensors = importer(files.meta, files.tensors)
     vera = (tensors.pop("\0vera_A", None), tensors.pop("\0vera_B", None))
     targets = sorted({key.rpartition(".")[0] for key in tensors})

@@ -77,7 +77,9 @@ class LoRALayer(AdapterLayer):
 
     def lora_out(self, x: torch.Tensor) -> torch.Tensor:
         """``B A x`` (unscaled), ``x (..., in) -> (..., out)``."""
-        return torch.nn.functional.linear(torch.nn.functional.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return torch.nn.functional.linear(
+            torch.nn.functional.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)
+        )
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         mask, keep = self.dropout.mask(x)
@@ -98,8 +100,14 @@ class LoRALayer(AdapterLayer):
     def peft_config(self) -> dict[str, Any]:
         """PEFT ``LoraConfig`` fields of this layer's settings."""
         config = self.config
-        return {"peft_type": "LORA", "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
-                "use_rslora": config.rslora, "use_dora": False}  # fmt: skip
+        return {
+            "peft_type": "LORA",
+            "r": config.r,
+            "lora_alpha": config.alpha,
+            "lora_dropout": config.dropout,
+            "use_rslora": config.rslora,
+            "use_dora": False,
+        }
 
     def peft_state(self, name: str) -> PeftState:
         lora_A, lora_B = self.factors()

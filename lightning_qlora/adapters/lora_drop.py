@@ -169,11 +169,15 @@ def apply_lora_drop(model: nn.Module, keep: Iterable[str]) -> dict[str, list[str
     for name, layer in layers.items():
         if name not in keep:
             groups.setdefault(_shape_key(layer), []).append(layer)
-    shared = _SharedAdapters({
-        shape: SharedLoRA(torch.stack([l.lora_A.detach() for l in group]).mean(0),
-                          torch.stack([l.lora_B.detach() for l in group]).mean(0))
-        for shape, group in groups.items()
-    })  # fmt: skip
+    shared = _SharedAdapters(
+        {
+            shape: SharedLoRA(
+                torch.stack([l.lora_A.detach() for l in group]).mean(0),
+                torch.stack([l.lora_B.detach() for l in group]).mean(0),
+            )
+            for shape, group in groups.items()
+        }
+    )
     setattr(model, SHARED_ATTRIBUTE, shared)
     for shape, group in groups.items():
         for layer in group:
@@ -193,29 +197,40 @@ def restore_lora_drop_structure(model: nn.Module, state_dict: dict[str, torch.Te
         Whether the structure was rebuilt.
     """
     shared_prefix = f"{prefix}{SHARED_ATTRIBUTE}."
-    saved = {k[len(shared_prefix):]: v for k, v in state_dict.items() if k.startswith(shared_prefix)}
+    saved = {k[len(shared_prefix) :]: v for k, v in state_dict.items() if k.startswith(shared_prefix)}
     if not saved or hasattr(model, SHARED_ATTRIBUTE):
         return False
     # the order apply_lora_drop registered them in (the first dropped layer of each shape, in model order),
     # so parameters -- and with them optimizer state -- come in the same order as in the saved run
-    dropped = [layer for name, layer in adapter_layers(model).items() if isinstance(layer, LoRADropLayer)
-               and bool(state_dict.get(f"{prefix}{name}.uses_shared", False))]  # fmt: skip
+    dropped = [
+        layer
+        for name, layer in adapter_layers(model).items()
+        if isinstance(layer, LoRADropLayer) and bool(state_dict.get(f"{prefix}{name}.uses_shared", False))
+    ]
     saved_shapes = {key.split(".")[0] for key in saved}
     shapes = list(dict.fromkeys(_shape_key(layer) for layer in dropped if _shape_key(layer) in saved_shapes))
     shapes += sorted(saved_shapes - set(shapes))
     try:
-        shared = _SharedAdapters({
-            shape: SharedLoRA(torch.zeros_like(saved[f"{shape}.lora_A"]), torch.zeros_like(saved[f"{shape}.lora_B"]))
-            for shape in shapes
-        })  # fmt: skip
+        shared = _SharedAdapters(
+            {
+                shape: SharedLoRA(
+                    torch.zeros_like(saved[f"{shape}.lora_A"]), torch.zeros_like(saved[f"{shape}.lora_B"])
+                )
+                for shape in shapes
+            }
+        )
     except KeyError as error:
-        raise AdapterConfigError(f"LoRA-drop state is incomplete: {error.args[0]!r} is missing; the file is damaged.") from None
+        raise AdapterConfigError(
+            f"LoRA-drop state is incomplete: {error.args[0]!r} is missing; the file is damaged."
+        ) from None
     setattr(model, SHARED_ATTRIBUTE, shared)
     for name, layer in adapter_layers(model).items():
         flag = state_dict.get(f"{prefix}{name}.uses_shared")
         if isinstance(layer, LoRADropLayer) and flag is not None and bool(flag):
             if _shape_key(layer) not in shared:
-                raise AdapterConfigError(f"layer {name!r} shares an adapter of shape {_shape_key(layer)} that the state does not hold.")
+                raise AdapterConfigError(
+                    f"layer {name!r} shares an adapter of shape {_shape_key(layer)} that the state does not hold."
+                )
             layer.use_shared(shared[_shape_key(layer)].to(layer.lora_A.device))
     return True
 

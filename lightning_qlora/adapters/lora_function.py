@@ -41,7 +41,9 @@ def _drop_threshold(p: float) -> int:
     return max(1, round(p * _RANGE))
 
 
-def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str) -> tuple[torch.Tensor, float]:
+def dropout_mask(
+    shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str
+) -> tuple[torch.Tensor, float]:
     """A boolean keep-mask of ``shape`` (each element kept with probability ``keep``) and ``keep``.
 
     ``keep = 1 - round(p * 2**16) / 2**16``; see the module docstring.
@@ -87,8 +89,15 @@ def adapter_dropout(p: float) -> AdapterDropout:
 
 class _LoRAUpdate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                mask: torch.Tensor | None, keep: float) -> torch.Tensor:  # fmt: skip
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        scaling: float,
+        mask: torch.Tensor | None,
+        keep: float,
+    ) -> torch.Tensor:
         device = x.device.type
         # under autocast the products run in its dtype, as F.linear would; computed explicitly so the
         # backward (which autocast does not cover) uses the same dtypes
@@ -127,8 +136,14 @@ class _LoRAUpdate(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None
 
 
-def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                mask: torch.Tensor | None = None, keep: float = 1.0) -> torch.Tensor:  # fmt: skip
+def lora_update(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor | None = None,
+    keep: float = 1.0,
+) -> torch.Tensor:
     """``scaling * ((x * mask / keep) @ A^T) @ B^T``: ``x (..., in)``, ``A (r, in)``, ``B (out, r)`` -> ``(..., out)``.
 
     Computed in ``x``'s dtype, or autocast's where it is on (the factors are cast to it, as ``F.linear`` would);

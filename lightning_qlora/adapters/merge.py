@@ -39,7 +39,9 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> d
                 continue
             out[prefix + name] = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()
         for name, child in module.named_children():
-            if not getattr(child, "is_adapter_state", False):  # adapter tensors held on the model (LoRA-drop's shared pairs)
+            if not getattr(
+                child, "is_adapter_state", False
+            ):  # adapter tensors held on the model (LoRA-drop's shared pairs)
                 visit(child, f"{prefix}{name}.")
 
     visit(model, "")

@@ -20,7 +20,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from lightning_qlora.adapters.base import AdapterConfig, AdapterConfigError, AdapterLayer, MergeReport, check_positive_int
+from lightning_qlora.adapters.base import (
+    AdapterConfig,
+    AdapterConfigError,
+    AdapterLayer,
+    MergeReport,
+    check_positive_int,
+)
 from lightning_qlora.adapters.lora_function import adapter_dropout
 
 

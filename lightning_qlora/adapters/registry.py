@@ -17,7 +17,18 @@ from lightning_qlora.adapters.mixture import MixtureLoRAConfig
 from lightning_qlora.adapters.vera import VeRAConfig
 
 ADAPTER_CONFIGS: dict[str, type[AdapterConfig]] = {
-    cls.method: cls for cls in (LoRAConfig, LoRAPlusConfig, LoRAFAConfig, DoRAConfig, VeRAConfig, AdaLoRAConfig, DeltaLoRAConfig, MixtureLoRAConfig, LoRADropConfig)
+    cls.method: cls
+    for cls in (
+        LoRAConfig,
+        LoRAPlusConfig,
+        LoRAFAConfig,
+        DoRAConfig,
+        VeRAConfig,
+        AdaLoRAConfig,
+        DeltaLoRAConfig,
+        MixtureLoRAConfig,
+        LoRADropConfig,
+    )
 }
 
 
@@ -31,8 +42,11 @@ def config_differences(saved: AdapterConfig, current: AdapterConfig) -> list[str
     if saved.method != current.method:
         return [f"method: {saved.method!r} saved, {current.method!r} here"]
     saved_fields, current_fields = config_to_dict(saved), config_to_dict(current)
-    return [f"{key}: {saved_fields[key]!r} saved, {current_fields.get(key)!r} here"
-            for key in saved_fields if saved_fields[key] != current_fields.get(key)]  # fmt: skip
+    return [
+        f"{key}: {saved_fields[key]!r} saved, {current_fields.get(key)!r} here"
+        for key in saved_fields
+        if saved_fields[key] != current_fields.get(key)
+    ]
 
 
 def config_from_dict(data: dict[str, Any], expected_method: str | None = None) -> AdapterConfig:

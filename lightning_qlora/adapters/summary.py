@@ -43,13 +43,17 @@ def adapter_summary(model: nn.Module, max_rows: int | None = None) -> str:
             lines.append(f"... {len(layers) - max_rows} more adapter layers")
             break
         count = sum(p.numel() for p in layer.trainable_parameters())
-        lines.append(f"{name:<48} {layer.config.method:<10} {layer.in_features:>6} {layer.out_features:>6} "
-                     f"{_rank(layer):>5} {count:>10,}")  # fmt: skip
+        lines.append(
+            f"{name:<48} {layer.config.method:<10} {layer.in_features:>6} {layer.out_features:>6} "
+            f"{_rank(layer):>5} {count:>10,}"
+        )
     trainable = trainable_parameter_count(model)
     total = sum(p.numel() for p in model.parameters())
     lines.append(f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.3f}%)")
     numel, floats, stored = quantized_weight_bytes(model)
     if numel:
-        lines.append(f"4-bit base weights: {stored / 2**20:,.1f} MiB instead of {floats / 2**20:,.1f} MiB "
-                     f"(saves {(floats - stored) / 2**20:,.1f} MiB; {8 * stored / numel:.3f} bits per parameter)")  # fmt: skip
+        lines.append(
+            f"4-bit base weights: {stored / 2**20:,.1f} MiB instead of {floats / 2**20:,.1f} MiB "
+            f"(saves {(floats - stored) / 2**20:,.1f} MiB; {8 * stored / numel:.3f} bits per parameter)"
+        )
     return "\n".join(lines)

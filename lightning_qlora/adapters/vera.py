@@ -49,7 +49,9 @@ def _uniform_prefix(seed: int, rows: int, r: int) -> torch.Tensor:
     return torch.rand(rows, r, generator=generator) * 2 - 1
 
 
-def shared_projections(seed: int, r: int, in_features: int, out_features: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_projections(
+    seed: int, r: int, in_features: int, out_features: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen ``(A, B)`` pair for this seed, rank and shape (the same tensors for every layer of it).
 
     Both come from prefix-stable streams -- ``A^T`` is the first ``in`` rows of one
@@ -126,10 +128,18 @@ class VeRALayer(AdapterLayer):
             vera_a = _uniform_prefix(2 * config.seed, self.in_features, config.r).T.contiguous()
         else:
             vera_a = self.vera_A.detach().float()
-        tensors = {"vera_lambda_b": self.lambda_b.detach().contiguous(),
-                   "vera_lambda_d": (self.lambda_d.detach() * self.projection_scale).contiguous()}  # fmt: skip
-        peft_config = {"peft_type": "VERA", "r": config.r, "projection_prng_key": config.seed, "save_projection": True,
-                       "vera_dropout": config.dropout, "d_initial": config.d_initial}  # fmt: skip
+        tensors = {
+            "vera_lambda_b": self.lambda_b.detach().contiguous(),
+            "vera_lambda_d": (self.lambda_d.detach() * self.projection_scale).contiguous(),
+        }
+        peft_config = {
+            "peft_type": "VERA",
+            "r": config.r,
+            "projection_prng_key": config.seed,
+            "save_projection": True,
+            "vera_dropout": config.dropout,
+            "d_initial": config.d_initial,
+        }
         return PeftState(peft_config, tensors, {"vera_A": vera_a, "vera_B": self.vera_B.detach().float()})
 
 

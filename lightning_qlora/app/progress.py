@@ -55,8 +55,12 @@ class StepProgressBar(RichProgressBar):
         if self.progress is None or self.train_progress_bar_id is None or not trainer.max_steps > 0:
             return
         fields: dict[str, Any] = {"first_completed": trainer.global_step} if first else {}
-        self.progress.update(self.train_progress_bar_id, completed=trainer.global_step,
-                             description=f"Training (epoch {trainer.current_epoch})", **fields)  # fmt: skip
+        self.progress.update(
+            self.train_progress_bar_id,
+            completed=trainer.global_step,
+            description=f"Training (epoch {trainer.current_epoch})",
+            **fields,
+        )
         self.refresh()
 
     @override
@@ -65,7 +69,8 @@ class StepProgressBar(RichProgressBar):
         self._show_step(trainer, first=True)
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # fmt: skip
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._show_step(trainer)

@@ -43,15 +43,21 @@ def _prompt_text(example: InstructionExample) -> str:
     return users[-1] if users else example.prompt_messages[-1]["content"]
 
 
-def write_predictions(path: Path, examples: Sequence[InstructionExample], base: Sequence[str] | None,
-                      tuned: Sequence[str] | None) -> list[dict[str, Any]]:  # fmt: skip
+def write_predictions(
+    path: Path, examples: Sequence[InstructionExample], base: Sequence[str] | None, tuned: Sequence[str] | None
+) -> list[dict[str, Any]]:
     """One JSON line per example: ``prompt``, ``expected``, ``base_answer``, ``tuned_answer`` (null if not evaluated)."""
     records = []
     for index, example in enumerate(examples):
-        records.append({"prompt": _prompt_text(example), "expected": example.reference,
-                        "base_answer": base[index] if base is not None else None,
-                        "tuned_answer": tuned[index] if tuned is not None else None,
-                        "source": example.source})  # fmt: skip
+        records.append(
+            {
+                "prompt": _prompt_text(example),
+                "expected": example.reference,
+                "base_answer": base[index] if base is not None else None,
+                "tuned_answer": tuned[index] if tuned is not None else None,
+                "source": example.source,
+            }
+        )
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return records
 
@@ -59,8 +65,11 @@ def write_predictions(path: Path, examples: Sequence[InstructionExample], base: 
 def list_run_files(run_dir: Path, also: Sequence[str] = ()) -> list[str]:
     """Top-level entries of the run dir (folders with a trailing ``/``) and ``also``, the known ones first."""
     # hidden entries are the atomic writers' lock files; .hydra/ is the one a user needs
-    names = {p.name + "/" if p.is_dir() else p.name for p in run_dir.iterdir()
-             if not p.name.startswith(".") or p.name == ".hydra"} | set(also)  # fmt: skip
+    names = {
+        p.name + "/" if p.is_dir() else p.name
+        for p in run_dir.iterdir()
+        if not p.name.startswith(".") or p.name == ".hydra"
+    } | set(also)
     order = list(FILE_ROLES)
     return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
 
@@ -81,8 +90,12 @@ def _print_predictions(console: Console, records: Sequence[dict[str, Any]], show
     table.add_column("base answer", overflow="fold", ratio=1)
     table.add_column("tuned answer", overflow="fold", ratio=1)
     for record in records[:shown]:
-        table.add_row(*(str(record[key]) if record[key] is not None else "–"
-                        for key in ("prompt", "expected", "base_answer", "tuned_answer")))  # fmt: skip
+        table.add_row(
+            *(
+                str(record[key]) if record[key] is not None else "–"
+                for key in ("prompt", "expected", "base_answer", "tuned_answer")
+            )
+        )
     console.print(table)
 
 
@@ -107,8 +120,13 @@ def _results_table(results: dict[str, Any]) -> Table:
     return table
 
 
-def print_report(results: dict[str, Any], run_dir: Path, predictions: Sequence[dict[str, Any]] = (),
-                 shown_predictions: int = 5, console: Console | None = None) -> None:  # fmt: skip
+def print_report(
+    results: dict[str, Any],
+    run_dir: Path,
+    predictions: Sequence[dict[str, Any]] = (),
+    shown_predictions: int = 5,
+    console: Console | None = None,
+) -> None:
     """Print a few predictions, the results table, the run dir in full and what is in it."""
     console = console or Console()
     _print_predictions(console, predictions, shown_predictions)

@@ -16,7 +16,9 @@ def main(argv: list[str]) -> None:
         raise SystemExit(gpu.main(argv[1:]))
     if not argv or argv[0] not in BENCHMARKS:
         choices = ",".join(BENCHMARKS)
-        raise SystemExit(f"usage: python -m lightning_qlora.bench {{{choices}}} [options] | gpu OUTDIR [--dry-run], got {argv}")
+        raise SystemExit(
+            f"usage: python -m lightning_qlora.bench {{{choices}}} [options] | gpu OUTDIR [--dry-run], got {argv}"
+        )
     BENCHMARKS[argv[0]](argv[1:])
 
 

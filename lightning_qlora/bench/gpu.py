@@ -69,11 +69,15 @@ def environment() -> dict[str, Any]:
     """What ran: Python, torch, the device, nvcc and the commit (each best effort)."""
     import torch
 
-    info: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
-                            "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-                            "cuda_available": torch.cuda.is_available(),
-                            "nvcc": _command_output(["nvcc", "--version"]),
-                            "commit": _command_output(["git", "rev-parse", "HEAD"])}  # fmt: skip
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "nvcc": _command_output(["nvcc", "--version"]),
+        "commit": _command_output(["git", "rev-parse", "HEAD"]),
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(device=props.name, capability=f"{props.major}.{props.minor}", memory_gib=props.total_memory / 2**30)
@@ -129,8 +133,12 @@ def _first_call(device: str) -> dict[str, Any]:
     backend = _backend(device)
     if backend is None:  # ops.backend() takes no device: say what ran
         backend = "cuda" if compiled else "reference"
-    return {"first_call_s": round(seconds, 2), "backend": backend, "compiled_kernel_ran": compiled,
-            "warnings": messages}  # fmt: skip
+    return {
+        "first_call_s": round(seconds, 2),
+        "backend": backend,
+        "compiled_kernel_ran": compiled,
+        "warnings": messages,
+    }
 
 
 def build_step(dry_run: bool) -> dict[str, Any]:
@@ -181,8 +189,13 @@ def _timer(device: str, repeats: int) -> Callable[[Callable[[], object]], float]
 
 def _row(name: str, ms: float, bytes_moved: float, **extra: Any) -> dict[str, Any]:
     gb_s = bytes_moved / ms / 1e6
-    return {"operation": name, "ms": round(ms, 4), "GB/s": round(gb_s, 1),
-            "fraction_of_peak": round(gb_s / PEAK_GB_S, 3), **extra}  # fmt: skip
+    return {
+        "operation": name,
+        "ms": round(ms, 4),
+        "GB/s": round(gb_s, 1),
+        "fraction_of_peak": round(gb_s / PEAK_GB_S, 3),
+        **extra,
+    }
 
 
 def _kernel_rows(size: int, device: str, median_ms: Callable[[Callable[[], object]], float]) -> list[dict[str, Any]]:
@@ -199,17 +212,31 @@ def _kernel_rows(size: int, device: str, median_ms: Callable[[Callable[[], objec
     # absmax decoded once (fp32), as serving does; the op reads it in that form
     args = (weight.packed, weight.block_absmax(), weight.code, 64, [size, size])
     four_bit = n / 2 + n / 64 * 4
-    rows = [_row(f"NF4+DQ quantize {size}^2 bf16", median_ms(lambda: quantize_4bit(w, "nf4", 64, check_values=False)),
-                 n * 2 + n / 2 + n / 64),
-            _row(f"NF4 dequantize {size}^2 -> bf16", median_ms(lambda: op("dequantize_4bit")(*args, torch.bfloat16)),
-                 four_bit + n * 2)]  # fmt: skip
+    rows = [
+        _row(
+            f"NF4+DQ quantize {size}^2 bf16",
+            median_ms(lambda: quantize_4bit(w, "nf4", 64, check_values=False)),
+            n * 2 + n / 2 + n / 64,
+        ),
+        _row(
+            f"NF4 dequantize {size}^2 -> bf16",
+            median_ms(lambda: op("dequantize_4bit")(*args, torch.bfloat16)),
+            four_bit + n * 2,
+        ),
+    ]
     for batch in (1, 8):
         x = torch.randn(batch, size, device=device, dtype=torch.bfloat16)
         dense_ms = median_ms(lambda: F.linear(x, w))
         ours_ms = median_ms(lambda: op("linear_4bit")(x, *args))
         io = 2 * batch * size * 2
-        rows.append(_row(f"4-bit GEMV batch {batch} {size}^2", ours_ms, four_bit + io,
-                         speedup_vs_dense=round(dense_ms / ours_ms, 2)))  # fmt: skip
+        rows.append(
+            _row(
+                f"4-bit GEMV batch {batch} {size}^2",
+                ours_ms,
+                four_bit + io,
+                speedup_vs_dense=round(dense_ms / ours_ms, 2),
+            )
+        )
         rows.append(_row(f"dense bf16 F.linear batch {batch} {size}^2", dense_ms, n * 2 + io))
     return rows
 
@@ -235,9 +262,12 @@ def _layer_row(
         layer.to(device)
         inputs = [x, *(p for p in layer.parameters() if p.requires_grad)]
         timings[mode] = median_ms(lambda: torch.autograd.grad(layer(x), inputs, grad_out))  # noqa: B023 -- timed now
-    return {"operation": f"QLoRA layer fwd+bwd {batch}x{tokens} tokens, {features}^2, r=16, bf16",
-            "ms": round(timings["nf4-dq"], 3), "dense_bf16_lora_ms": round(timings["none"], 3),
-            "ratio_vs_dense": round(timings["nf4-dq"] / timings["none"], 3)}  # fmt: skip
+    return {
+        "operation": f"QLoRA layer fwd+bwd {batch}x{tokens} tokens, {features}^2, r=16, bf16",
+        "ms": round(timings["nf4-dq"], 3),
+        "dense_bf16_lora_ms": round(timings["none"], 3),
+        "ratio_vs_dense": round(timings["nf4-dq"] / timings["none"], 3),
+    }
 
 
 def benchmark_step(dry_run: bool) -> dict[str, Any]:
@@ -281,9 +311,13 @@ def parse_junit(path: Path) -> dict[str, Any]:
             outcome["failed" if status.tag == "failure" else "errors"] += 1
             text = status.get("message") or status.text or ""
             failures.append({"test": test_id, "kind": status.tag, "message": text[:1500]})
-    return {"collected": len(cases), **{k: outcome[k] for k in ("passed", "failed", "errors", "skipped")},
-            "failures": failures, "skip_reasons": dict(skips),
-            "slowest": [{"test": t, "s": round(s, 2)} for s, t in sorted(durations, reverse=True)[:10]]}  # fmt: skip
+    return {
+        "collected": len(cases),
+        **{k: outcome[k] for k in ("passed", "failed", "errors", "skipped")},
+        "failures": failures,
+        "skip_reasons": dict(skips),
+        "slowest": [{"test": t, "s": round(s, 2)} for s, t in sorted(durations, reverse=True)[:10]],
+    }
 
 
 class GpuCheck:
@@ -296,8 +330,12 @@ class GpuCheck:
         self.log_path, self.summary_path = outdir / "gpu-check.log", outdir / "summary.json"
         self.log_path.write_text("")
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.summary: dict[str, Any] = {"dry_run": dry_run, "started": started, "total_budget_s": total_budget_s,
-                                        "steps": {}}  # fmt: skip
+        self.summary: dict[str, Any] = {
+            "dry_run": dry_run,
+            "started": started,
+            "total_budget_s": total_budget_s,
+            "steps": {},
+        }
 
     def log(self, message: str) -> None:
         line = f"[{time.monotonic() - self.start:7.1f}s] {message}"
@@ -311,8 +349,9 @@ class GpuCheck:
         env.setdefault("HF_HUB_OFFLINE", "1")
         start = time.monotonic()
         with self.log_path.open("a") as log:
-            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)  # fmt: skip
+            process = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
             try:
                 return process.wait(timeout=budget_s), time.monotonic() - start
             except subprocess.TimeoutExpired:
@@ -359,8 +398,19 @@ class GpuCheck:
     def _pytest_step(self) -> None:
         junit = self.outdir / "pytest-cuda.xml"
         junit.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "pytest", str(CUDA_TESTS.relative_to(ROOT)), "-m", "cuda", "-q", "-rfEs",
-                   "-p", "no:cacheprovider", f"--junitxml={junit}"]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(CUDA_TESTS.relative_to(ROOT)),
+            "-m",
+            "cuda",
+            "-q",
+            "-rfEs",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={junit}",
+        ]
 
         def read(returncode: int) -> dict[str, Any]:
             if not junit.exists():
@@ -371,8 +421,10 @@ class GpuCheck:
             if self.dry_run and result["skipped"] != result["collected"]:
                 raise RuntimeError(f"dry run: every CUDA test must be skipped without a GPU, got {result}")
             if result["failed"] or result["errors"] or returncode != 0:
-                raise RuntimeError(f"{result['failed']} failed, {result['errors']} errors (exit {returncode}): "
-                                   + "; ".join(f["test"] for f in result["failures"][:20]))  # fmt: skip
+                raise RuntimeError(
+                    f"{result['failed']} failed, {result['errors']} errors (exit {returncode}): "
+                    + "; ".join(f["test"] for f in result["failures"][:20])
+                )
             return result
 
         if not CUDA_TESTS.is_dir():  # an installed wheel: the tests live in the source tree only

@@ -66,8 +66,14 @@ def busy_processes(count: int) -> Iterator[list[subprocess.Popen]]:
     processes: list[subprocess.Popen] = []
     try:
         for _ in range(count):
-            processes.append(subprocess.Popen([sys.executable, "-c", _BUSY_LOOP], stdin=subprocess.DEVNULL,
-                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", _BUSY_LOOP],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         time.sleep(0.5 if count else 0.0)  # let them reach their loops
         yield processes
     finally:
@@ -132,17 +138,25 @@ def build_rows(size: int) -> list[Row]:
             Row("Linear4bit fwd batch 512", "user path", lambda: layer(x_train), 0.3),
             Row("plugin convert 1 Linear", "user path", convert, 0.5),
             Row("  (its weight copy alone)", "setup", lambda: w.clone(), 0.5),
-            Row("bnb quantize NF4+DQ", "bitsandbytes",
-                lambda: bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True), 0.3),
+            Row(
+                "bnb quantize NF4+DQ",
+                "bitsandbytes",
+                lambda: bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True),
+                0.3,
+            ),
             Row("bnb dequantize -> fp32", "bitsandbytes", lambda: bnb.dequantize_4bit(bnb_packed, bnb_state), 0.5),
-            Row("bnb matmul_4bit batch 1", "bitsandbytes",
-                lambda: bnb_nn.matmul_4bit(x1, bnb_packed.t(), quant_state=bnb_state), 0.5),
+            Row(
+                "bnb matmul_4bit batch 1",
+                "bitsandbytes",
+                lambda: bnb_nn.matmul_4bit(x1, bnb_packed.t(), quant_state=bnb_state),
+                0.5,
+            ),
             Row("bnb Linear4bit fwd batch 1", "bitsandbytes", lambda: bnb_layer(x1), 0.5),
             Row("dequantize + matmul, grad 512", "MKL dense", lambda: grad @ ours.dequantize(torch.float32), 0.3),
             Row("F.linear fp32 batch 1", "MKL dense", lambda: torch.nn.functional.linear(x1, w)),
             Row("F.linear fp32 batch 8", "MKL dense", lambda: torch.nn.functional.linear(x8, w)),
             Row("F.linear fp32 batch 512", "MKL dense", lambda: torch.nn.functional.linear(x_train, w), 0.3),
-        ]  # fmt: skip
+        ]
     return rows
 
 
@@ -159,7 +173,9 @@ def time_rows(rows: list[Row], phase: str, repeats: int) -> None:
         torch.set_num_threads(previous)
 
 
-def crossover(size: int, repeats: int, batches: tuple[int, ...] = (1, 8, 16, 32, 64, 100)) -> list[tuple[int, float, float]]:
+def crossover(
+    size: int, repeats: int, batches: tuple[int, ...] = (1, 8, 16, 32, 64, 100)
+) -> list[tuple[int, float, float]]:
     """``(batch, fused ms, dequantize + F.linear ms)`` at 2 threads for one ``size x size`` weight."""
     from lightning_qlora.ops import op
     from lightning_qlora.quantization import quantize_4bit
@@ -169,8 +185,10 @@ def crossover(size: int, repeats: int, batches: tuple[int, ...] = (1, 8, 16, 32,
     with torch.no_grad():
         for batch in batches:
             x = torch.randn(batch, size)
-            fused = median_ms(lambda: op("linear_4bit")(x, weight.packed, weight.block_absmax(), weight.code, 64,
-                                                        [size, size]), repeats)  # fmt: skip
+            fused = median_ms(
+                lambda: op("linear_4bit")(x, weight.packed, weight.block_absmax(), weight.code, 64, [size, size]),
+                repeats,
+            )
             split = median_ms(lambda: torch.nn.functional.linear(x, weight.dequantize(torch.float32)), repeats)
             table.append((batch, fused, split))
     return table
@@ -198,37 +216,51 @@ def report(rows: list[Row], contention: int) -> list[str]:
     def idle(name: str) -> float:
         return by_name[name][("idle", 2)]
 
-    lines += ["", "checks (idle, 2 threads):",
-              f"  quantize vs bitsandbytes: {_ratio(idle('bnb quantize NF4+DQ'), idle('quantize NF4+DQ (quantize_4bit)'))}"
-              " (target >= 30x)",
-              f"  dequantize vs bitsandbytes: {_ratio(idle('bnb dequantize -> fp32'), idle('dequantize -> fp32'))} "
-              "(target >= 3x)",
-              f"  GEMV batch 1 vs bitsandbytes: {_ratio(idle('bnb matmul_4bit batch 1'), idle('GEMV batch 1 (linear_4bit op)'))}"
-              f"; Linear4bit vs bnb Linear4bit: {_ratio(idle('bnb Linear4bit fwd batch 1'), idle('Linear4bit fwd batch 1'))}"
-              " (target >= 10x)",
-              f"  dense F.linear / Linear4bit batch 1: {_ratio(idle('F.linear fp32 batch 1'), idle('Linear4bit fwd batch 1'))}"
-              " (target > 1x)",
-              f"  Linear4bit / raw op, batch 1: {_ratio(idle('Linear4bit fwd batch 1'), idle('GEMV batch 1 (linear_4bit op)'))}"
-              " (target <= 1.2x)",
-              f"  input grad: dequantize + matmul / ours: "
-              f"{_ratio(idle('dequantize + matmul, grad 512'), idle('input grad batch 512 (op)'))}"]  # fmt: skip
+    lines += [
+        "",
+        "checks (idle, 2 threads):",
+        f"  quantize vs bitsandbytes: {_ratio(idle('bnb quantize NF4+DQ'), idle('quantize NF4+DQ (quantize_4bit)'))}"
+        " (target >= 30x)",
+        f"  dequantize vs bitsandbytes: {_ratio(idle('bnb dequantize -> fp32'), idle('dequantize -> fp32'))} "
+        "(target >= 3x)",
+        f"  GEMV batch 1 vs bitsandbytes: {_ratio(idle('bnb matmul_4bit batch 1'), idle('GEMV batch 1 (linear_4bit op)'))}"
+        f"; Linear4bit vs bnb Linear4bit: {_ratio(idle('bnb Linear4bit fwd batch 1'), idle('Linear4bit fwd batch 1'))}"
+        " (target >= 10x)",
+        f"  dense F.linear / Linear4bit batch 1: {_ratio(idle('F.linear fp32 batch 1'), idle('Linear4bit fwd batch 1'))}"
+        " (target > 1x)",
+        f"  Linear4bit / raw op, batch 1: {_ratio(idle('Linear4bit fwd batch 1'), idle('GEMV batch 1 (linear_4bit op)'))}"
+        " (target <= 1.2x)",
+        f"  input grad: dequantize + matmul / ours: "
+        f"{_ratio(idle('dequantize + matmul, grad 512'), idle('input grad batch 512 (op)'))}",
+    ]
     for phase in ("idle", "busy") if busy else ("idle",):
-        slower = [row.name for row in rows if row.group in ("ours", "user path")
-                  and row.times[(phase, 2)] > row.times[(phase, 1)]]  # fmt: skip
+        slower = [
+            row.name
+            for row in rows
+            if row.group in ("ours", "user path") and row.times[(phase, 2)] > row.times[(phase, 1)]
+        ]
         lines.append(f"  {phase}: ours slower at 2 threads than at 1: {', '.join(slower) or 'none'}")
     if busy:
-        worst = max((row for row in rows if row.group in ("ours", "user path")),
-                    key=lambda row: row.times[("busy", 2)] / row.times[("idle", 2)])  # fmt: skip
+        worst = max(
+            (row for row in rows if row.group in ("ours", "user path")),
+            key=lambda row: row.times[("busy", 2)] / row.times[("idle", 2)],
+        )
         dense = by_name["F.linear fp32 batch 1"]
-        lines.append(f"  busy/idle at 2 threads: worst of ours {worst.name.strip()} "
-                     f"{_ratio(worst.times[('busy', 2)], worst.times[('idle', 2)])} (target <= 2x); "
-                     f"MKL dense batch 1 {_ratio(dense[('busy', 2)], dense[('idle', 2)])}")  # fmt: skip
+        lines.append(
+            f"  busy/idle at 2 threads: worst of ours {worst.name.strip()} "
+            f"{_ratio(worst.times[('busy', 2)], worst.times[('idle', 2)])} (target <= 2x); "
+            f"MKL dense batch 1 {_ratio(dense[('busy', 2)], dense[('idle', 2)])}"
+        )
     return lines
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m lightning_qlora.bench kernels", description=__doc__.splitlines()[0])
-    parser.add_argument("--contention", type=int, default=0, help=f"busy processes beside the second pass (0..{MAX_BUSY})")
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_qlora.bench kernels", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--contention", type=int, default=0, help=f"busy processes beside the second pass (0..{MAX_BUSY})"
+    )
     parser.add_argument("--size", type=int, default=4096, help="the weight is size x size (a multiple of 64)")
     parser.add_argument("--repeats", type=int, default=9, help="timed calls per row and setting (median)")
     args = parser.parse_args(argv)
@@ -254,8 +286,10 @@ def main(argv: list[str]) -> None:
     if args.contention:
         with busy_processes(args.contention):
             time_rows(rows, "busy", args.repeats)
-    print(f"backend: {backend()}; {args.size}x{args.size} fp32 weight, NF4+DQ block 64, median ms of {args.repeats}; "
-          f"OpenMP wait policy: {_openmp.wait_policy()}")  # fmt: skip
+    print(
+        f"backend: {backend()}; {args.size}x{args.size} fp32 weight, NF4+DQ block 64, median ms of {args.repeats}; "
+        f"OpenMP wait policy: {_openmp.wait_policy()}"
+    )
     print("\n".join(report(rows, args.contention)))
     print("\nfused GEMV vs dequantize + F.linear, 2 threads, idle (ms):")
     print("  " + "  ".join(f"batch {b}: {f:.2f} / {s:.2f}" for b, f, s in cross))

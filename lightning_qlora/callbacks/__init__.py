@@ -12,5 +12,13 @@ from lightning_qlora.callbacks.errors import CallbackConfigError
 from lightning_qlora.callbacks.lora_drop import LoRADrop, select_layers
 from lightning_qlora.callbacks.loss_curves import LossCurves
 
-__all__ = ["AdaLoRABudget", "AdapterSummary", "CallbackConfigError", "LoRADrop", "LossCurves", "budget_schedule",
-           "keep_top_triplets", "select_layers"]  # fmt: skip
+__all__ = [
+    "AdaLoRABudget",
+    "AdapterSummary",
+    "CallbackConfigError",
+    "LoRADrop",
+    "LossCurves",
+    "budget_schedule",
+    "keep_top_triplets",
+    "select_layers",
+]

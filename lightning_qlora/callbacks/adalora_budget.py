@@ -41,8 +41,9 @@ from lightning_qlora.callbacks.errors import CallbackConfigError, required_layer
 from lightning_qlora.callbacks.plots import log_dir, log_image, rank_heatmap
 
 
-def budget_schedule(step: int, initial_budget: int, target_budget: int, init_warmup: int, final_warmup: int,
-                    total_steps: int) -> int:  # fmt: skip
+def budget_schedule(
+    step: int, initial_budget: int, target_budget: int, init_warmup: int, final_warmup: int, total_steps: int
+) -> int:
     """AdaLoRA's cubic budget ``b(t)`` (see the module docstring) at optimizer step ``step``."""
     if step < init_warmup:
         return initial_budget
@@ -86,9 +87,18 @@ class AdaLoRABudget(L.Callback):
         plot: write ``adalora_ranks.png`` (and ``adalora_ranks.json``) to the log dir at the end.
     """
 
-    def __init__(self, target_rank: float | None = None, target_budget: int | None = None, init_warmup: int = 0,
-                 final_warmup: int = 0, mask_interval: int = 10, total_steps: int | None = None,
-                 beta1: float = 0.85, beta2: float = 0.85, plot: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        target_rank: float | None = None,
+        target_budget: int | None = None,
+        init_warmup: int = 0,
+        final_warmup: int = 0,
+        mask_interval: int = 10,
+        total_steps: int | None = None,
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+        plot: bool = True,
+    ) -> None:
         if (target_rank is None) == (target_budget is None):
             raise CallbackConfigError(
                 f"AdaLoRABudget needs exactly one of target_rank (average per layer) or target_budget (total), "
@@ -120,8 +130,9 @@ class AdaLoRABudget(L.Callback):
 
     def budget(self, step: int) -> int:
         """``b(step)`` for this run (valid once fit has started)."""
-        return budget_schedule(step, self.initial_budget, self.target_budget, self.init_warmup, self.final_warmup,
-                               self.total_steps)  # fmt: skip
+        return budget_schedule(
+            step, self.initial_budget, self.target_budget, self.init_warmup, self.final_warmup, self.total_steps
+        )
 
     def ranks(self) -> dict[str, int]:
         """Ranks currently kept, per layer."""
@@ -168,14 +179,16 @@ class AdaLoRABudget(L.Callback):
         return int(total)
 
     @override
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:  # fmt: skip
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         for layer in self._layers.values():  # gradients are final here, also under accumulation
             layer.update_importance(self.beta1, self.beta2)
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # fmt: skip
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step == self.last_step:  # accumulating: no optimizer step on this batch
             return
@@ -200,8 +213,10 @@ class AdaLoRABudget(L.Callback):
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ranks = self.ranks()
-        rank_zero_info(f"AdaLoRA: kept {sum(ranks.values())} of {self.initial_budget} ranks "
-                       f"(target {self.target_budget}); per layer min {min(ranks.values())}, max {max(ranks.values())}")  # fmt: skip
+        rank_zero_info(
+            f"AdaLoRA: kept {sum(ranks.values())} of {self.initial_budget} ranks "
+            f"(target {self.target_budget}); per layer min {min(ranks.values())}, max {max(ranks.values())}"
+        )
         if not self.plot or trainer.global_rank != 0:
             return
         directory = log_dir(trainer)

@@ -15,8 +15,9 @@ class CallbackConfigError(AdapterConfigError):
     """A callback's settings do not fit the run (raised at construction or at fit start)."""
 
 
-def required_layers(module: nn.Module, layer_type: type[LayerT], callback: str, kind: str,
-                    config: str) -> dict[str, LayerT]:  # fmt: skip
+def required_layers(
+    module: nn.Module, layer_type: type[LayerT], callback: str, kind: str, config: str
+) -> dict[str, LayerT]:
     """``module``'s adapters of ``layer_type`` by name; :class:`CallbackConfigError` naming what it has instead if none."""
     layers = adapter_layers(module)
     found = {name: layer for name, layer in layers.items() if isinstance(layer, layer_type)}

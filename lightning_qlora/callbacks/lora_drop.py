@@ -73,8 +73,9 @@ class LoRADrop(L.Callback):
         plot: write ``lora_drop_importance.png`` to the log dir at the switch.
     """
 
-    def __init__(self, stage1_steps: int = 100, threshold: float = 0.9, top_n: int | None = None,
-                 plot: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self, stage1_steps: int = 100, threshold: float = 0.9, top_n: int | None = None, plot: bool = True
+    ) -> None:
         if not isinstance(stage1_steps, int) or stage1_steps < 1:
             raise CallbackConfigError(f"LoRADrop: stage1_steps={stage1_steps!r} must be an int >= 1.")
         if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
@@ -102,8 +103,9 @@ class LoRADrop(L.Callback):
             layer.tracking = not self.selected
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # fmt: skip
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.selected or trainer.global_step < self.stage1_steps:
             return
         layers = required_layers(pl_module, LoRADropLayer, "LoRADrop", "LoRA-drop", "LoRADropConfig")
@@ -127,19 +129,33 @@ class LoRADrop(L.Callback):
             f"{self.trainable_after:,} ({100 * saving:.1f}% fewer)"
         )
         for logger in trainer.loggers:
-            logger.log_metrics({"lora_drop/kept_layers": float(len(self.kept)),
-                                "lora_drop/trainable_params": float(self.trainable_after),
-                                "lora_drop/param_saving": saving}, step=trainer.global_step)  # fmt: skip
+            logger.log_metrics(
+                {
+                    "lora_drop/kept_layers": float(len(self.kept)),
+                    "lora_drop/trainable_params": float(self.trainable_after),
+                    "lora_drop/param_saving": saving,
+                },
+                step=trainer.global_step,
+            )
         if self.plot and trainer.global_rank == 0:
-            path = importance_bars(self.importances, set(self.kept), log_dir(trainer) / "lora_drop_importance.png",
-                                   None if self.top_n is not None else self.threshold)  # fmt: skip
+            path = importance_bars(
+                self.importances,
+                set(self.kept),
+                log_dir(trainer) / "lora_drop_importance.png",
+                None if self.top_n is not None else self.threshold,
+            )
             log_image(trainer, "lora_drop/importance", path)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"selected": self.selected, "importances": dict(self.importances), "kept": list(self.kept),
-                "dropped": list(self.dropped), "trainable_before": self.trainable_before,
-                "trainable_after": self.trainable_after}  # fmt: skip
+        return {
+            "selected": self.selected,
+            "importances": dict(self.importances),
+            "kept": list(self.kept),
+            "dropped": list(self.dropped),
+            "trainable_before": self.trainable_before,
+            "trainable_after": self.trainable_after,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

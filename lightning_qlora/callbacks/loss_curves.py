@@ -21,15 +21,21 @@ class LossCurves(L.Callback):
         val_key: logged metric holding the validation loss.
     """
 
-    def __init__(self, filename: str = "loss_curves.png", dirpath: str | None = None, train_key: str = "train/loss",
-                 val_key: str = "val/loss") -> None:  # fmt: skip
+    def __init__(
+        self,
+        filename: str = "loss_curves.png",
+        dirpath: str | None = None,
+        train_key: str = "train/loss",
+        val_key: str = "val/loss",
+    ) -> None:
         self.filename, self.dirpath, self.train_key, self.val_key = filename, dirpath, train_key, val_key
         self.train: tuple[list[int], list[float]] = ([], [])
         self.val: tuple[list[int], list[float]] = ([], [])
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # fmt: skip
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         value = trainer.callback_metrics.get(self.train_key)
         if value is not None and (not self.train[0] or self.train[0][-1] != trainer.global_step):
             self.train[0].append(trainer.global_step)

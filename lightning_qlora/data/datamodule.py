@@ -36,8 +36,9 @@ class InstructionDataConfigError(InstructionDataError):
     """An ``InstructionDataModule`` argument is invalid, or a split that was not configured is used."""
 
 
-def encode_examples(tokenizer: Any, examples: Sequence[InstructionExample], max_length: int | None,
-                    name: str = "data") -> list[dict[str, list[int]]]:  # fmt: skip
+def encode_examples(
+    tokenizer: Any, examples: Sequence[InstructionExample], max_length: int | None, name: str = "data"
+) -> list[dict[str, list[int]]]:
     """Encode examples for training; drop (with a warning) those truncated to no answer token at all.
 
     Raises:
@@ -51,8 +52,13 @@ def encode_examples(tokenizer: Any, examples: Sequence[InstructionExample], max_
             "every prompt (with the chat template) is at least that long. Raise max_length."
         )
     if len(kept) < len(encoded):
-        log.warning("%s: dropped %d of %d examples whose answer was truncated away by max_length=%s",
-                    name, len(encoded) - len(kept), len(encoded), max_length)  # fmt: skip
+        log.warning(
+            "%s: dropped %d of %d examples whose answer was truncated away by max_length=%s",
+            name,
+            len(encoded) - len(kept),
+            len(encoded),
+            max_length,
+        )
     return kept
 
 
@@ -132,12 +138,22 @@ class InstructionDataModule(L.LightningDataModule):
         dataset = self.encoded[split]
         if shuffle:
             sampler = SeededShuffleSampler(len(dataset), seed=self.seed)
-            return ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler,  # type: ignore[arg-type]
-                                       collate_fn=collate, num_workers=self.num_workers)  # fmt: skip
+            return ResumableDataLoader(
+                dataset,
+                batch_size=batch_size,
+                sampler=sampler,  # type: ignore[arg-type]
+                collate_fn=collate,
+                num_workers=self.num_workers,
+            )
         # an own generator: creating the iterator draws the workers' base seed, never from the global RNG
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False,  # type: ignore[arg-type]
-                          generator=torch.Generator().manual_seed(self.seed), collate_fn=collate,
-                          num_workers=self.num_workers)  # fmt: skip
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,  # type: ignore[arg-type]
+            generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=collate,
+            num_workers=self.num_workers,
+        )
 
     @override
     def train_dataloader(self) -> DataLoader:

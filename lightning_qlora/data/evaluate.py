@@ -151,10 +151,15 @@ def generate_answers(
             indices = [order[i] for i in chunk]
             batch = pad_batch([{"input_ids": prompts[i]} for i in indices], pad_id, padding_side="left")
             output = model.generate(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=eos_id,
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad_id,
+                eos_token_id=eos_id,
                 stopping_criteria=StoppingCriteriaList([_TokenTicks(progress, task)]),
-            )  # fmt: skip
+            )
             progress.update(task, completed=number * max_new_tokens)  # the batch may have stopped early (EOS)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             for index, text in zip(indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
@@ -162,8 +167,15 @@ def generate_answers(
     return answers
 
 
-def evaluate_loss(model: nn.Module, tokenizer: Any, examples: Sequence[InstructionExample], *, batch_size: int = 16,
-                  max_length: int | None = None, show_progress: bool = True) -> dict[str, float]:  # fmt: skip
+def evaluate_loss(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[InstructionExample],
+    *,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    show_progress: bool = True,
+) -> dict[str, float]:
     """Answer-token loss and perplexity of ``model`` on ``examples`` (teacher forcing).
 
     Uses the same encoding as training (labels only on the answer), so ``loss`` is
@@ -184,19 +196,28 @@ def evaluate_loss(model: nn.Module, tokenizer: Any, examples: Sequence[Instructi
     return {"loss": math.log(value), "perplexity": value}
 
 
-def evaluate_instruction_model(model: nn.Module, tokenizer: Any, examples: Sequence[InstructionExample], *,
-                               batch_size: int = 32, max_new_tokens: int = 16, max_length: int | None = None,
-                               show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def evaluate_instruction_model(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[InstructionExample],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 16,
+    max_length: int | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
     """Exact match (greedy generation) and answer loss/perplexity on ``examples``.
 
     Returns:
         ``{"exact_match": float in [0, 1], "loss": float, "perplexity": float, "num_examples": int,
         "predictions": list[str]}`` (drop ``predictions`` before logging the rest as metrics).
     """
-    predictions = generate_answers(model, tokenizer, examples, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, show_progress=show_progress)  # fmt: skip
+    predictions = generate_answers(
+        model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, show_progress=show_progress
+    )
     metric = ExactMatch()
     metric.update(predictions, [example.reference for example in examples])
-    loss = evaluate_loss(model, tokenizer, examples, batch_size=batch_size, max_length=max_length,
-                         show_progress=show_progress)  # fmt: skip
+    loss = evaluate_loss(
+        model, tokenizer, examples, batch_size=batch_size, max_length=max_length, show_progress=show_progress
+    )
     return {"exact_match": float(metric.compute()), **loss, "num_examples": len(examples), "predictions": predictions}

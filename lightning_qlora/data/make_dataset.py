@@ -34,8 +34,20 @@ from lightning_qlora.errors import ConfigError
 _NEWLINE = b"\n"
 
 ISO_DATES_INSTRUCTION = "Convert the date to the format YYYY-MM-DD. Answer with the date only."
-_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-           "November", "December")  # fmt: skip
+_MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 _FIRST_DAY = datetime.date(1950, 1, 1)
 _LAST_DAY = datetime.date(2049, 12, 31)
 

@@ -83,14 +83,18 @@ def _parse_record(record: Any, where: str) -> InstructionExample:
         if not isinstance(messages, list) or len(messages) < 2:
             raise MalformedRecordError(f"{where}: 'messages' must be a list of at least two messages (prompt, answer).")
         for index, message in enumerate(messages):
-            if (not isinstance(message, dict) or message.get("role") not in _ROLES
-                    or not isinstance(message.get("content"), str)):  # fmt: skip
+            if (
+                not isinstance(message, dict)
+                or message.get("role") not in _ROLES
+                or not isinstance(message.get("content"), str)
+            ):
                 raise MalformedRecordError(
                     f"{where}: messages[{index}]={message!r} must be {{'role': one of {_ROLES}, 'content': str}}."
                 )
         if messages[-1]["role"] != "assistant":
-            raise MalformedRecordError(f"{where}: the last message must be the assistant's answer, got role "
-                                       f"{messages[-1]['role']!r}.")  # fmt: skip
+            raise MalformedRecordError(
+                f"{where}: the last message must be the assistant's answer, got role {messages[-1]['role']!r}."
+            )
         return InstructionExample(tuple({"role": m["role"], "content": m["content"]} for m in messages), where)
     prompt, response = record.get("prompt"), record.get("response")
     if not isinstance(prompt, str) or not isinstance(response, str):

@@ -140,8 +140,11 @@ class ResumableDataLoader(DataLoader):
 def _collect_random_states() -> dict[str, Any]:
     # plain tensors, lists and numbers only: checkpoints load with torch.load(weights_only=True)
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                              "numpy": [kind, keys.tolist(), position, has_gauss, cached_gaussian]}  # fmt: skip
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), position, has_gauss, cached_gaussian],
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -177,8 +180,9 @@ class RandomStateCheckpoint(L.Callback):
         self._pending = state_dict
 
     @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:  # fmt: skip
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._pending is not None:
             _restore_random_states(self._pending)
             self._pending = None

@@ -19,8 +19,23 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # safetensors files a model directory may hold that are not base-model weights
 _NOT_WEIGHTS = ("adapter_model.safetensors",)
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}  # fmt: skip
+_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
 
 
 @dataclass(frozen=True)
@@ -115,8 +130,10 @@ def _shard_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
     pickled = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt*"))
     hint = ""
     if pickled:
-        hint = (f" It holds {', '.join(pickled)}: pickled weights are never loaded (unpickling runs code); convert "
-                "them once with `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir)`.")
+        hint = (
+            f" It holds {', '.join(pickled)}: pickled weights are never loaded (unpickling runs code); convert "
+            "them once with `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir)`."
+        )
     raise CheckpointFileError(f"{directory} has no *.safetensors weights (nor {INDEX_FILE}).{hint}")
 
 

@@ -55,8 +55,9 @@ def _load_tokenizer(source: ModelSource, trust_remote_code: bool) -> Any:
 
     extra = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
-        return AutoTokenizer.from_pretrained(source.directory, local_files_only=True,
-                                             trust_remote_code=trust_remote_code, **extra)  # fmt: skip
+        return AutoTokenizer.from_pretrained(
+            source.directory, local_files_only=True, trust_remote_code=trust_remote_code, **extra
+        )
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointFileError(
             f"no usable tokenizer in {source.directory} ({error}). Save the model's tokenizer next to its weights "
@@ -71,14 +72,25 @@ def _load_generation_config(model: Any, directory: Path) -> None:
         model.generation_config = GenerationConfig.from_pretrained(directory, local_files_only=True)
 
 
-def _load_gguf(source: ModelSource, quant: tuple[str, bool] | None, blocksize: int, dtype: torch.dtype,
-               skip: Sequence[str], trust_remote_code: bool) -> Any:  # fmt: skip
+def _load_gguf(
+    source: ModelSource,
+    quant: tuple[str, bool] | None,
+    blocksize: int,
+    dtype: torch.dtype,
+    skip: Sequence[str],
+    trust_remote_code: bool,
+) -> Any:
     """GGUF through transformers' own loader, which dequantizes the file to float; then layer-by-layer 4 bits."""
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file, dtype=dtype,
-                                                     local_files_only=True, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.directory,
+            gguf_file=source.gguf_file,
+            dtype=dtype,
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+        )
     except (OSError, ValueError, KeyError) as error:
         raise CheckpointFileError(
             f"transformers cannot load {source.directory / source.gguf_file} ({error}); it needs the `gguf` package "
@@ -142,7 +154,8 @@ def load_causal_lm(
     layout = read_checkpoint_layout(source.directory)
     model = build_skeleton(config, dtype, trust_remote_code)
     plan = plan_keys(model, layout)
-    stream_checkpoint(model, layout, plan, quant=quant, blocksize=blocksize, compute_dtype=dtype, skip=skip,
-                      progress=progress)  # fmt: skip
+    stream_checkpoint(
+        model, layout, plan, quant=quant, blocksize=blocksize, compute_dtype=dtype, skip=skip, progress=progress
+    )
     _load_generation_config(model, source.directory)
     return model.eval(), tokenizer

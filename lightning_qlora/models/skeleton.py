@@ -115,15 +115,17 @@ def _renamer(model: nn.Module, slots: dict[str, Any]) -> Any:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     except ImportError:  # transformers 4.x: legacy renames and the base-model prefix only
-        legacy = [(re.compile(r"LayerNorm\.gamma$"), "LayerNorm.weight"),
-                  (re.compile(r"LayerNorm\.beta$"), "LayerNorm.bias")]
+        legacy = [
+            (re.compile(r"LayerNorm\.gamma$"), "LayerNorm.weight"),
+            (re.compile(r"LayerNorm\.beta$"), "LayerNorm.bias"),
+        ]
 
         def rename_4x(key: str) -> tuple[str, bool]:
             for pattern, replacement in legacy:
                 key = pattern.sub(replacement, key)
             if prefix and key not in slots:
-                if key.startswith(prefix + ".") and key[len(prefix) + 1:] in slots:
-                    key = key[len(prefix) + 1:]
+                if key.startswith(prefix + ".") and key[len(prefix) + 1 :] in slots:
+                    key = key[len(prefix) + 1 :]
                 elif f"{prefix}.{key}" in slots:
                     key = f"{prefix}.{key}"
             return key, False

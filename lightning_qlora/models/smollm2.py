@@ -200,8 +200,11 @@ def _convert_gguf(directory: Path) -> None:
 
     gguf = smollm2_gguf_path()
     console = Console(stderr=True)  # a minute or so on first use: say so, with a spinner on a terminal
-    console.print(f"lightning_qlora: converting {gguf.name} to a float checkpoint, once (later runs load the cached "
-                  "copy)", highlight=False, soft_wrap=True)  # fmt: skip
+    console.print(
+        f"lightning_qlora: converting {gguf.name} to a float checkpoint, once (later runs load the cached copy)",
+        highlight=False,
+        soft_wrap=True,
+    )
     start = time.perf_counter()
     with console.status(f"converting {gguf.name}..."):
         model, tokenizer = _load_pretrained(gguf.parent, torch.float32, gguf_file=gguf.name)

@@ -68,14 +68,21 @@ def _float_dtype(model: nn.Module, name: str, compute_dtype: torch.dtype) -> tor
 class _Filler:
     """Puts tensors into the skeleton: float copies, or 4-bit layers for the Linear weights to quantize."""
 
-    def __init__(self, model: nn.Module, quant: tuple[str, bool] | None, blocksize: int, compute_dtype: torch.dtype,
-                 skip: Sequence[str]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        quant: tuple[str, bool] | None,
+        blocksize: int,
+        compute_dtype: torch.dtype,
+        skip: Sequence[str],
+    ) -> None:
         self.model, self.quant, self.blocksize, self.compute_dtype = model, quant, blocksize, compute_dtype
         self.to_quantize = set()
         if quant is not None:
             # the layers quantize_linears (the plugin) would quantize: the same rule, so the same model
-            self.to_quantize = {n for n, m in model.named_modules()
-                                if isinstance(m, nn.Linear) and not is_skipped(n, skip)}  # fmt: skip
+            self.to_quantize = {
+                n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_skipped(n, skip)
+            }
         self.early_bias: dict[str, torch.Tensor] = {}  # biases read before their layer's weight
         self.quantized: list[str] = []
 

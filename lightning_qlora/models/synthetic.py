@@ -24,8 +24,9 @@ from lightning_qlora.models.skeleton import build_skeleton, tied_parameters
 _DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
-def _write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
-                 generator: torch.Generator) -> None:  # fmt: skip
+def _write_shard(
+    path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, generator: torch.Generator
+) -> None:
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -51,8 +52,9 @@ def _write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: 
     os.replace(temporary, path)
 
 
-def write_synthetic_checkpoint(config: Any, directory: str | Path, shard_bytes: int = 4 << 30,
-                               dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:  # fmt: skip
+def write_synthetic_checkpoint(
+    config: Any, directory: str | Path, shard_bytes: int = 4 << 30, dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> Path:
     """Write ``config.json``, random safetensors shards of at most ``shard_bytes`` and their index.
 
     Args:

@@ -35,5 +35,15 @@ def build_cuda_extension() -> tuple[bool, float, str | None]:
 
 from lightning_qlora.ops._extension import backend
 
-__all__ = ["NAMESPACE", "OP_NAMES", "backend", "build_cpu_extension", "build_cuda_extension", "num_blocks", "op",
-           "qualified_name", "reference", "schemas"]
+__all__ = [
+    "NAMESPACE",
+    "OP_NAMES",
+    "backend",
+    "build_cpu_extension",
+    "build_cuda_extension",
+    "num_blocks",
+    "op",
+    "qualified_name",
+    "reference",
+    "schemas",
+]

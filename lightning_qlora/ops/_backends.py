@@ -45,7 +45,9 @@ def _with_fallback(name: str, compiled: Callable[..., Any], extension: Callable[
     return kernel
 
 
-def register_backend(device: str, extension: Callable[[], Any | None], kernels: Mapping[str, Callable[..., Any]]) -> None:
+def register_backend(
+    device: str, extension: Callable[[], Any | None], kernels: Mapping[str, Callable[..., Any]]
+) -> None:
     """Register ``kernels`` (op name -> ``compiled(extension, *op_args)``) as ``device``'s kernels of our ops.
 
     Raises:
@@ -53,7 +55,9 @@ def register_backend(device: str, extension: Callable[[], Any | None], kernels: 
     """
     unknown = sorted(set(kernels) - set(_REFERENCE))
     if unknown:
-        raise RuntimeError(f"the {device} kernel table names ops that do not exist: {unknown}; ours: {sorted(_REFERENCE)}")
+        raise RuntimeError(
+            f"the {device} kernel table names ops that do not exist: {unknown}; ours: {sorted(_REFERENCE)}"
+        )
     for name, compiled in kernels.items():
         torch.library.register_kernel(qualified_name(name), device, _with_fallback(name, compiled, extension))
     REGISTERED[device] = tuple(kernels)

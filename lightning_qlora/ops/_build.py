@@ -112,8 +112,11 @@ def _first_build_notice(name: str, directory: Path) -> Iterator[None]:
 
     console = Console(stderr=True)
     start = time.perf_counter()
-    console.print(f"lightning_qlora: compiling the C++ kernels ({name}), once: later runs load them from {directory}",
-                  highlight=False, soft_wrap=True)  # fmt: skip
+    console.print(
+        f"lightning_qlora: compiling the C++ kernels ({name}), once: later runs load them from {directory}",
+        highlight=False,
+        soft_wrap=True,
+    )
     with console.status(f"compiling {name}..."):
         yield
     console.print(f"lightning_qlora: {name} compiled in {time.perf_counter() - start:.0f} s", highlight=False)
@@ -159,8 +162,11 @@ def extension(name: str) -> Any | None:
     except Exception as error:  # noqa: BLE001 -- any build failure must leave the package usable
         _errors[name] = f"{type(error).__name__}: {error}"
         _timings[name] = time.perf_counter() - start
-        warnings.warn(f"lightning_qlora: building the {name} kernels failed ({_errors[name][:2000]}); "
-                      "using the reference kernels.", stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"lightning_qlora: building the {name} kernels failed ({_errors[name][:2000]}); "
+            "using the reference kernels.",
+            stacklevel=3,
+        )
         return None
     _timings[name] = time.perf_counter() - start
     _loaded[name] = module

@@ -59,38 +59,63 @@ def _quantize_4bit(extension: Any, A: torch.Tensor, code: torch.Tensor, blocksiz
 
 
 def _dequantize_4bit(
-    extension: Any, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-    shape: Sequence[int], dtype: torch.dtype,
-) -> torch.Tensor:  # fmt: skip
+    extension: Any,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
     check_output_dtype(dtype)
     check_dequantize_4bit_args(packed, absmax, code, blocksize, shape)
     with torch.cuda.device(packed.device):
-        return extension.dequantize_4bit(packed, absmax, code, blocksize, [int(d) for d in shape], dtype, _stream(packed))
+        return extension.dequantize_4bit(
+            packed, absmax, code, blocksize, [int(d) for d in shape], dtype, _stream(packed)
+        )
 
 
 def _linear_4bit(
-    extension: Any, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+    extension: Any,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
     shape: Sequence[int],
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     check_linear_4bit_args(x, packed, absmax, code, blocksize, shape, features_dim=1)
     with torch.cuda.device(x.device):
         return extension.linear_4bit(x, packed, absmax, code, blocksize, [int(d) for d in shape], _stream(x))
 
 
 def _linear_4bit_input_grad(
-    extension: Any, grad: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-    blocksize: int, shape: Sequence[int],
-) -> torch.Tensor:  # fmt: skip
+    extension: Any,
+    grad: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+) -> torch.Tensor:
     check_linear_4bit_args(grad, packed, absmax, code, blocksize, shape, features_dim=0)
     with torch.cuda.device(grad.device):
-        return extension.linear_4bit_input_grad(grad, packed, absmax, code, blocksize, [int(d) for d in shape],
-                                                _stream(grad))  # fmt: skip
+        return extension.linear_4bit_input_grad(
+            grad, packed, absmax, code, blocksize, [int(d) for d in shape], _stream(grad)
+        )
 
 
 def _bgmv(
-    extension: Any, x: torch.Tensor, pool: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor,
-    ranks: torch.Tensor, scales: torch.Tensor, indices: torch.Tensor, out_features: int,
-) -> torch.Tensor:  # fmt: skip
+    extension: Any,
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    a_rows: torch.Tensor,
+    b_rows: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    indices: torch.Tensor,
+    out_features: int,
+) -> torch.Tensor:
     check_bgmv_args(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
     x, pool, a_rows, b_rows = x.contiguous(), pool.contiguous(), a_rows.contiguous(), b_rows.contiguous()
     ranks, scales, indices = ranks.contiguous(), scales.contiguous(), indices.contiguous()

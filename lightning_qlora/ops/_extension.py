@@ -19,7 +19,13 @@ from typing import Any
 
 import torch
 
-from lightning_qlora.errors import BLOCK_SIZES_4BIT, BLOCK_SIZES_8BIT, check_block_size, check_float_dtype, check_output_dtype
+from lightning_qlora.errors import (
+    BLOCK_SIZES_4BIT,
+    BLOCK_SIZES_8BIT,
+    check_block_size,
+    check_float_dtype,
+    check_output_dtype,
+)
 from lightning_qlora.errors import ShapeMismatchError
 from lightning_qlora.ops import reference
 from lightning_qlora.ops._backends import register_backend
@@ -70,16 +76,22 @@ def _quantize_4bit(extension: Any, A: torch.Tensor, code: torch.Tensor, blocksiz
 
 
 def _dequantize_4bit(
-    extension: Any, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-    shape: Sequence[int], dtype: torch.dtype,
-) -> torch.Tensor:  # fmt: skip
+    extension: Any,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
     check_output_dtype(dtype)
     check_dequantize_4bit_args(packed, absmax, code, blocksize, shape)
     return extension.dequantize_4bit(packed, absmax, code, blocksize, [int(d) for d in shape], dtype)
 
 
-def _quantize_blockwise_8bit(extension: Any, A: torch.Tensor, code: torch.Tensor, blocksize: int,
-                             seed: int | None = None) -> Any:  # fmt: skip
+def _quantize_blockwise_8bit(
+    extension: Any, A: torch.Tensor, code: torch.Tensor, blocksize: int, seed: int | None = None
+) -> Any:
     if seed is not None:  # stochastic 8-bit rounding has no compiled kernel
         return reference.quantize_blockwise_8bit(A, code, blocksize, seed)
     check_float_dtype(A)
@@ -97,29 +109,49 @@ def _dequantize_blockwise_8bit(
 
 
 def _linear_4bit(
-    extension: Any, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+    extension: Any,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
     shape: Sequence[int],
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     check_linear_4bit_args(x, packed, absmax, code, blocksize, shape, features_dim=1)
     return extension.linear_4bit(x, packed, absmax, code, blocksize, [int(d) for d in shape])
 
 
 def _linear_4bit_input_grad(
-    extension: Any, grad: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-    blocksize: int, shape: Sequence[int],
-) -> torch.Tensor:  # fmt: skip
+    extension: Any,
+    grad: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+) -> torch.Tensor:
     check_linear_4bit_args(grad, packed, absmax, code, blocksize, shape, features_dim=0)
     return extension.linear_4bit_input_grad(grad, packed, absmax, code, blocksize, [int(d) for d in shape])
 
 
-_BGMV_STATUS = {1: "an index names no adapter slot (valid: -1 .. slots-1)", 2: "a rank exceeds the table width",
-                3: "a table names a pool row outside the pool (freed pages or stale offsets)"}  # fmt: skip
+_BGMV_STATUS = {
+    1: "an index names no adapter slot (valid: -1 .. slots-1)",
+    2: "a rank exceeds the table width",
+    3: "a table names a pool row outside the pool (freed pages or stale offsets)",
+}
 
 
 def _bgmv(
-    extension: Any, x: torch.Tensor, pool: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor,
-    ranks: torch.Tensor, scales: torch.Tensor, indices: torch.Tensor, out_features: int,
-) -> torch.Tensor:  # fmt: skip
+    extension: Any,
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    a_rows: torch.Tensor,
+    b_rows: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    indices: torch.Tensor,
+    out_features: int,
+) -> torch.Tensor:
     check_bgmv_args(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
     x, pool, a_rows, b_rows = x.contiguous(), pool.contiguous(), a_rows.contiguous(), b_rows.contiguous()
     ranks, scales, indices = ranks.contiguous(), scales.contiguous(), indices.contiguous()

@@ -226,7 +226,12 @@ def dequantize_blockwise_8bit(
 
 
 def linear_4bit(
-    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: Sequence[int]
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
 ) -> torch.Tensor:
     """Reference for ``lightning_qlora::linear_4bit``: dequantize to float32, ``x @ W^T``, cast to x's dtype."""
     check_linear_4bit_args(x, packed, absmax, code, blocksize, shape, features_dim=1)
@@ -249,14 +254,21 @@ def linear_4bit_input_grad(
 
 
 def _check_bgmv_tables(
-    pool: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor, ranks: torch.Tensor, indices: torch.Tensor,
-    in_features: int, out_features: int,
+    pool: torch.Tensor,
+    a_rows: torch.Tensor,
+    b_rows: torch.Tensor,
+    ranks: torch.Tensor,
+    indices: torch.Tensor,
+    in_features: int,
+    out_features: int,
 ) -> None:
     """Raise :class:`ShapeMismatchError` if a table names a slot, rank or pool row that does not exist."""
     slots, max_rank = a_rows.shape
     if indices.numel() and (indices.min() < -1 or indices.max() >= slots):
-        raise ShapeMismatchError(f"bgmv indices must lie in [-1, {slots}) (one slot per row, -1 = none), "
-                                 f"got values in [{int(indices.min())}, {int(indices.max())}].")  # fmt: skip
+        raise ShapeMismatchError(
+            f"bgmv indices must lie in [-1, {slots}) (one slot per row, -1 = none), "
+            f"got values in [{int(indices.min())}, {int(indices.max())}]."
+        )
     if ranks.numel() and (ranks.min() < 0 or ranks.max() > max_rank):
         raise ShapeMismatchError(f"bgmv ranks must lie in [0, {max_rank}], got {ranks.tolist()}.")
     used = torch.arange(max_rank, device=ranks.device) < ranks.unsqueeze(1)

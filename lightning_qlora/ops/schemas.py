@@ -231,7 +231,12 @@ def _dequantize_8bit_fake(
 
 @torch.library.register_fake(qualified_name("linear_4bit"))
 def _linear_4bit_fake(
-    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: Sequence[int]
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
 ) -> torch.Tensor:
     check_linear_4bit_args(x, packed, absmax, code, blocksize, shape, features_dim=1)
     return x.new_empty((*x.shape[:-1], shape[0]))

@@ -137,8 +137,9 @@ class PagedAdamW(PagedOptimizer):
         return _adam_group(type(self).__name__, group, float(state["step"].item()))
 
     @override
-    def _update_page(self, context: _AdamContext, slots: dict[str, torch.Tensor], param: torch.Tensor,
-                     grad: torch.Tensor) -> None:  # fmt: skip
+    def _update_page(
+        self, context: _AdamContext, slots: dict[str, torch.Tensor], param: torch.Tensor, grad: torch.Tensor
+    ) -> None:
         # the operations and their order are torch.optim.adam._single_tensor_adam's
         c = context
         grad = -grad if c.maximize else grad
@@ -192,12 +193,14 @@ class PagedAdamW8bit(PagedOptimizer):
     def _layout(self, param: torch.Tensor) -> PageLayout:
         if not self._is_8bit(param):
             return PageLayout((Slot("state1", torch.float32), Slot("state2", torch.float32)))
-        return PageLayout((
-            Slot("state1", torch.uint8),
-            Slot("state2", torch.uint8),
-            Slot("absmax1", torch.float32, STATE_BLOCKSIZE_8BIT),
-            Slot("absmax2", torch.float32, STATE_BLOCKSIZE_8BIT),
-        ))  # fmt: skip
+        return PageLayout(
+            (
+                Slot("state1", torch.uint8),
+                Slot("state2", torch.uint8),
+                Slot("absmax1", torch.float32, STATE_BLOCKSIZE_8BIT),
+                Slot("absmax2", torch.float32, STATE_BLOCKSIZE_8BIT),
+            )
+        )
 
     @override
     def _initial_step(self) -> int:
@@ -234,8 +237,9 @@ class PagedAdamW8bit(PagedOptimizer):
         super().load_state_dict({**state_dict, "state": state})
 
     @override
-    def _update_page(self, context: _AdamContext, slots: dict[str, torch.Tensor], param: torch.Tensor,
-                     grad: torch.Tensor) -> None:  # fmt: skip
+    def _update_page(
+        self, context: _AdamContext, slots: dict[str, torch.Tensor], param: torch.Tensor, grad: torch.Tensor
+    ) -> None:
         c = context
         quantized = "absmax1" in slots
         if quantized:

@@ -35,8 +35,14 @@ SUPPORTED_OPTIMIZERS: tuple[str, ...] = (
     "lightning_qlora.optim.PagedAdamW / PagedAdamW8bit (kept as they are)",
 )
 IMPLEMENTATIONS: tuple[str, ...] = ("native", "bitsandbytes")
-_BNB_ADAMW = {"AdamW": None, "AdamW32bit": 32, "AdamW8bit": 8, "PagedAdamW": None, "PagedAdamW32bit": 32,
-              "PagedAdamW8bit": 8}  # fmt: skip
+_BNB_ADAMW = {
+    "AdamW": None,
+    "AdamW32bit": 32,
+    "AdamW8bit": 8,
+    "PagedAdamW": None,
+    "PagedAdamW32bit": 32,
+    "PagedAdamW8bit": 8,
+}
 _BNB_PAGED_THRESHOLD = 100_000  # bitsandbytes pages state of parameters with at least this many elements
 
 
@@ -63,15 +69,18 @@ class PagingConfig:
 
     def __post_init__(self) -> None:
         if self.store not in STORE_NAMES:
-            raise PagedOptimizerError(f"store={self.store!r} is not a page store; choose one of {', '.join(STORE_NAMES)}.")
+            raise PagedOptimizerError(
+                f"store={self.store!r} is not a page store; choose one of {', '.join(STORE_NAMES)}."
+            )
         if self.optim_bits not in (None, 8, 32):
             raise PagedOptimizerError(f"optim_bits={self.optim_bits!r} must be 8, 32 or None (keep the optimizer's).")
         if self.implementation not in IMPLEMENTATIONS:
             raise PagedOptimizerError(
                 f"implementation={self.implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}."
             )
-        if self.budget_bytes is not None and (isinstance(self.budget_bytes, bool)
-                                              or not isinstance(self.budget_bytes, int) or self.budget_bytes <= 0):  # fmt: skip
+        if self.budget_bytes is not None and (
+            isinstance(self.budget_bytes, bool) or not isinstance(self.budget_bytes, int) or self.budget_bytes <= 0
+        ):
             raise PagedOptimizerError(f"budget_bytes={self.budget_bytes!r} must be a positive int (bytes) or None.")
 
 
@@ -139,8 +148,12 @@ def to_paged_optimizer(optimizer: torch.optim.Optimizer, config: PagingConfig | 
         raise PagedOptimizerError("the optimizer has no parameters to page.")
     device = parameters[0].device
     defaults = optimizer.defaults
-    hyper = {"lr": defaults["lr"], "betas": tuple(defaults["betas"]), "eps": defaults["eps"],
-             "weight_decay": defaults["weight_decay"]}  # fmt: skip
+    hyper = {
+        "lr": defaults["lr"],
+        "betas": tuple(defaults["betas"]),
+        "eps": defaults["eps"],
+        "weight_decay": defaults["weight_decay"],
+    }
     if config.implementation == "bitsandbytes":
         return _bitsandbytes_paged(groups, bits, device, hyper)
     store = make_page_store(config.store, device, config.budget_bytes, config.page_dir)
@@ -157,8 +170,9 @@ def to_paged_optimizer(optimizer: torch.optim.Optimizer, config: PagingConfig | 
     return paged
 
 
-def _bitsandbytes_paged(groups: list[dict[str, Any]], bits: int, device: torch.device,
-                        hyper: dict[str, Any]) -> torch.optim.Optimizer:  # fmt: skip
+def _bitsandbytes_paged(
+    groups: list[dict[str, Any]], bits: int, device: torch.device, hyper: dict[str, Any]
+) -> torch.optim.Optimizer:
     if device.type != "cuda":
         raise PagedOptimizerError(
             f"implementation='bitsandbytes' pages through CUDA unified memory, but the parameters are on {device}: "

@@ -83,8 +83,9 @@ class PagedOptimizer(torch.optim.Optimizer):
         """Advance ``state["step"]`` and return what every page update of ``param`` needs."""
 
     @abstractmethod
-    def _update_page(self, context: Any, slots: dict[str, torch.Tensor], param: torch.Tensor,
-                     grad: torch.Tensor) -> None:  # fmt: skip
+    def _update_page(
+        self, context: Any, slots: dict[str, torch.Tensor], param: torch.Tensor, grad: torch.Tensor
+    ) -> None:
         """Update one page in place: ``slots`` are views into the page, ``param``/``grad`` 1-D slices."""
 
     def _export_extra(self, param: torch.Tensor) -> dict[str, Any]:
@@ -182,8 +183,12 @@ class PagedOptimizer(torch.optim.Optimizer):
     def _resolve_page_elements(self, requested: int | None, parameters: list[torch.Tensor]) -> int:
         store = self._require_store()
         if requested is not None:
-            if isinstance(requested, bool) or not isinstance(requested, int) or requested <= 0 \
-                    or requested % PAGE_ELEMENT_MULTIPLE:  # fmt: skip
+            if (
+                isinstance(requested, bool)
+                or not isinstance(requested, int)
+                or requested <= 0
+                or requested % PAGE_ELEMENT_MULTIPLE
+            ):
                 raise PagedOptimizerError(
                     f"page_elements={requested!r} must be a positive multiple of {PAGE_ELEMENT_MULTIPLE}."
                 )
@@ -204,7 +209,8 @@ class PagedOptimizer(torch.optim.Optimizer):
                 f"the store's budget of {format_bytes(store.budget_bytes)} cannot hold two pages of "
                 f"{elements} elements ({format_bytes(two_pages(elements))} with {type(self).__name__}'s state); "
                 f"raise budget_bytes to at least {two_pages(elements)}"
-                + ("" if requested is None else " or lower page_elements") + "."
+                + ("" if requested is None else " or lower page_elements")
+                + "."
             )
         return elements
 
@@ -249,8 +255,10 @@ class PagedOptimizer(torch.optim.Optimizer):
             for slot in paged.layout.slots:
                 first = page.start // slot.per
                 full[slot.name][first : first + views[slot.name].numel()] = views[slot.name]
-        return {slot.name: full[slot.name].view(paged.shape) if slot.per == 1 else full[slot.name]
-                for slot in paged.layout.slots}  # fmt: skip
+        return {
+            slot.name: full[slot.name].view(paged.shape) if slot.per == 1 else full[slot.name]
+            for slot in paged.layout.slots
+        }
 
     def _import(self, index: int, param: torch.Tensor, entry: dict[str, Any] | None) -> None:
         """Write a checkpoint entry (or zeros if ``None``) into ``param``'s pages."""
@@ -264,8 +272,9 @@ class PagedOptimizer(torch.optim.Optimizer):
             value = entry.get(slot.name)
             if not isinstance(value, torch.Tensor) or value.numel() != slot.items(paged.numel):
                 expected = ", ".join(f"{s.name} ({s.items(paged.numel)} values)" for s in paged.layout.slots)
-                found = ", ".join(f"{k} ({v.numel() if isinstance(v, torch.Tensor) else type(v).__name__})"
-                                  for k, v in entry.items())  # fmt: skip
+                found = ", ".join(
+                    f"{k} ({v.numel() if isinstance(v, torch.Tensor) else type(v).__name__})" for k, v in entry.items()
+                )
                 raise PagedOptimizerError(
                     f"state of parameter {index} (shape {tuple(param.shape)}) has {found}, but {type(self).__name__} "
                     f"expects {expected}; was the checkpoint written by another optimizer or model?"

@@ -39,7 +39,9 @@ def quantize_state_8bit(values: torch.Tensor, code: torch.Tensor, blocksize: int
     return index.to(torch.uint8), absmax
 
 
-def dequantize_state_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+def dequantize_state_8bit(
+    codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> torch.Tensor:
     """float32 values of ``codes``: ``code[q] * absmax[block]``."""
     n = codes.numel()
     return code[codes.long()] * absmax.repeat_interleave(blocksize)[:n]

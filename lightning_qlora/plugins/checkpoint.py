@@ -92,7 +92,9 @@ def check_spec(saved: Mapping[str, Any], spec: QLoRASpec, adapted: list[str] | N
         fixes.append(_override("blocksize", blocksize))
         app.append(f"quant.blocksize={blocksize}")
     if (saved_config is None) != (spec.adapter is None):
-        problems.append(f"adapter: {adapter!r} saved, {None if spec.adapter is None else config_to_dict(spec.adapter)!r} here")
+        problems.append(
+            f"adapter: {adapter!r} saved, {None if spec.adapter is None else config_to_dict(spec.adapter)!r} here"
+        )
     elif saved_config is not None and spec.adapter is not None:
         differences = config_differences(saved_config, spec.adapter)
         problems.extend(f"adapter {d}" for d in differences)
@@ -108,11 +110,19 @@ def check_spec(saved: Mapping[str, Any], spec: QLoRASpec, adapted: list[str] | N
         only_saved = sorted(set(saved.get("adapted", [])) - set(adapted))
         only_here = sorted(set(adapted) - set(saved.get("adapted", [])))
         problems.append(f"adapted layers: only in the checkpoint {only_saved[:4]}, only here {only_here[:4]}")
-        fixes.append(f"target_modules={sorted(saved.get('adapted', []))[:4]}..., skip_modules={saved.get('skip_modules')}")
+        fixes.append(
+            f"target_modules={sorted(saved.get('adapted', []))[:4]}..., skip_modules={saved.get('skip_modules')}"
+        )
     if problems:
         raise CheckpointMismatchError(
-            "this checkpoint was trained with other QLoRA settings than this run: " + "; ".join(problems) + ". "
-            + (f"Resume with NF4Precision({', '.join(fixes)})" if fixes else "Resume with the settings it was saved with")
+            "this checkpoint was trained with other QLoRA settings than this run: "
+            + "; ".join(problems)
+            + ". "
+            + (
+                f"Resume with NF4Precision({', '.join(fixes)})"
+                if fixes
+                else "Resume with the settings it was saved with"
+            )
             + (f" (in the app: {' '.join(app)})." if app else ".")
         )
 
@@ -154,7 +164,11 @@ def float_layout(module: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, 
 
 def save_stash(checkpoint: dict[str, Any], module: nn.Module, record: dict[str, Any], float_built: bool) -> None:
     """Write the plugin's record into ``checkpoint`` (see the module docstring)."""
-    stash: dict[str, Any] = {"version": _FORMAT_VERSION, "spec": record, "layout": "float" if float_built else "converted"}
+    stash: dict[str, Any] = {
+        "version": _FORMAT_VERSION,
+        "spec": record,
+        "layout": "float" if float_built else "converted",
+    }
     if float_built:
         state = checkpoint["state_dict"]
         stash["state_dict"] = dict(state)
@@ -184,7 +198,9 @@ def read_stash(checkpoint: Mapping[str, Any] | None) -> dict[str, Any] | None:
             f"(version {stash.get('version') if isinstance(stash, dict) else None!r}, expected {_FORMAT_VERSION})."
         )
     if stash.get("layout") not in ("float", "converted", "adapters"):
-        raise CheckpointStashError(f"the checkpoint's {STASH_KEY!r} record has an unknown layout {stash.get('layout')!r}.")
+        raise CheckpointStashError(
+            f"the checkpoint's {STASH_KEY!r} record has an unknown layout {stash.get('layout')!r}."
+        )
     return stash
 
 
@@ -205,7 +221,12 @@ def load_stash_state(module: nn.Module, stash: Mapping[str, Any]) -> None:
     own = module.state_dict()
     for key, value in state.items():
         mine = own.get(key)
-        if mine is not None and isinstance(value, torch.Tensor) and value.shape != mine.shape and ".quant_state." not in key:
+        if (
+            mine is not None
+            and isinstance(value, torch.Tensor)
+            and value.shape != mine.shape
+            and ".quant_state." not in key
+        ):
             raise CheckpointMismatchError(
                 f"checkpoint tensor {key!r} has shape {tuple(value.shape)}, this run's has {tuple(mine.shape)}: the run "
                 "was configured differently (rank, layers or model); resume with the settings it was saved with."

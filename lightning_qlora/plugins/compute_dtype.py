@@ -96,8 +96,9 @@ def measured_cpu_dtype(measure: Measure | None = None, rounds: int = ROUNDS) -> 
     return _CHOSEN[key]
 
 
-def choose_compute_dtype(compute_dtype: str | torch.dtype, device: torch.device | str | None = None,
-                         measure: Measure | None = None) -> torch.dtype:  # fmt: skip
+def choose_compute_dtype(
+    compute_dtype: str | torch.dtype, device: torch.device | str | None = None, measure: Measure | None = None
+) -> torch.dtype:
     """The compute dtype for ``compute_dtype``: explicit ones as given; ``"auto"`` bf16 on CUDA, measured on CPU.
 
     Raises:
@@ -112,8 +113,10 @@ def choose_compute_dtype(compute_dtype: str | torch.dtype, device: torch.device 
 
 def measured_compute_dtypes() -> dict[str, dict[str, object]]:
     """What ``auto`` measured and chose in this process, keyed ``"cpu/<threads> threads"`` (for reports)."""
-    return {f"{device}/{threads} threads": {**_TIMINGS[(device, threads)], "chosen": str(_CHOSEN[(device, threads)])}
-            for device, threads in _CHOSEN}  # fmt: skip
+    return {
+        f"{device}/{threads} threads": {**_TIMINGS[(device, threads)], "chosen": str(_CHOSEN[(device, threads)])}
+        for device, threads in _CHOSEN
+    }
 
 
 def forget_measurements() -> None:

@@ -38,8 +38,14 @@ class FSDPNF4Precision(FSDPPrecision):
         target_modules: str | Sequence[str] = "all-linear",
         skip_modules: Sequence[str] = ("lm_head",),
     ) -> None:
-        self.qlora = FabricNF4Precision(mode=mode, blocksize=blocksize, compute_dtype=compute_dtype, adapter=adapter,
-                                        target_modules=target_modules, skip_modules=skip_modules)  # fmt: skip
+        self.qlora = FabricNF4Precision(
+            mode=mode,
+            blocksize=blocksize,
+            compute_dtype=compute_dtype,
+            adapter=adapter,
+            target_modules=target_modules,
+            skip_modules=skip_modules,
+        )
         super().__init__(precision=_FSDP_PRECISION[self.qlora.compute_dtype])  # type: ignore[arg-type]
 
     @override

@@ -95,8 +95,13 @@ class FabricNF4Precision(FabricPrecision):
         skip_modules: Sequence[str] = ("lm_head",),
     ) -> None:
         super().__init__()
-        self.spec = QLoRASpec(mode=mode, blocksize=blocksize, adapter=adapter, target_modules=target_modules,
-                              skip_modules=tuple(skip_modules))  # fmt: skip
+        self.spec = QLoRASpec(
+            mode=mode,
+            blocksize=blocksize,
+            adapter=adapter,
+            target_modules=target_modules,
+            skip_modules=tuple(skip_modules),
+        )
         self.compute_dtype = choose_compute_dtype(compute_dtype)
         self._auto_dtype = compute_dtype == "auto"  # measured: a resumed run takes the checkpoint's choice
         self._modules: list[weakref.ref[nn.Module]] = []
@@ -329,7 +334,9 @@ def check_checkpoint_mode(module: nn.Module, state_dict: dict[str, Any], mode: s
             meta = json.loads(bytes(value.tolist()).decode())
             saved = _layer_mode(meta["quant_type"], "nested_blocksize" in meta, int(meta["blocksize"]))
         except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise CheckpointModeError(f"checkpoint entry {key!r} is not a readable 4-bit quant state ({error}).") from None
+            raise CheckpointModeError(
+                f"checkpoint entry {key!r} is not a readable 4-bit quant state ({error})."
+            ) from None
         weight = current.get(name)
         if weight is None:
             raise CheckpointModeError(

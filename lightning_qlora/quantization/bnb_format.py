@@ -131,15 +131,25 @@ def to_quant_state(weight: Quantized4bitTensor) -> Any:
 
     if weight.nested is None:
         return QuantState(
-            absmax=weight.absmax, shape=weight.shape, code=weight.code, blocksize=weight.blocksize,
-            quant_type=weight.quant_type, dtype=weight.dtype,
-        )  # fmt: skip
+            absmax=weight.absmax,
+            shape=weight.shape,
+            code=weight.code,
+            blocksize=weight.blocksize,
+            quant_type=weight.quant_type,
+            dtype=weight.dtype,
+        )
     nested = weight.nested
     state2 = QuantState(absmax=nested.nested_absmax, code=nested.code, blocksize=nested.blocksize, dtype=torch.float32)
     return QuantState(
-        absmax=nested.codes, shape=weight.shape, code=weight.code, blocksize=weight.blocksize,
-        quant_type=weight.quant_type, dtype=weight.dtype, offset=nested.offset, state2=state2,
-    )  # fmt: skip
+        absmax=nested.codes,
+        shape=weight.shape,
+        code=weight.code,
+        blocksize=weight.blocksize,
+        quant_type=weight.quant_type,
+        dtype=weight.dtype,
+        offset=nested.offset,
+        state2=state2,
+    )
 
 
 def from_quant_state(packed: torch.Tensor, state: Any) -> Quantized4bitTensor:
@@ -151,6 +161,12 @@ def from_quant_state(packed: torch.Tensor, state: Any) -> Quantized4bitTensor:
         nested = NestedAbsmax(state.absmax, state.state2.absmax, state.state2.code, offset, state.state2.blocksize)
         absmax = None
     return Quantized4bitTensor(
-        packed.reshape(-1).view(torch.uint8), absmax, nested, state.code, state.quant_type, state.blocksize,
-        tuple(state.shape), state.dtype,
-    )  # fmt: skip
+        packed.reshape(-1).view(torch.uint8),
+        absmax,
+        nested,
+        state.code,
+        state.quant_type,
+        state.blocksize,
+        tuple(state.shape),
+        state.dtype,
+    )

@@ -94,11 +94,18 @@ class Linear4bit(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                    check_values: bool = True) -> Linear4bit:  # fmt: skip
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        check_values: bool = True,
+    ) -> Linear4bit:
         """Quantize an ``nn.Linear`` (its bias stays float and trainable); see :func:`quantize_4bit` for ``check_values``."""
-        weight = quantize_4bit(linear.weight.detach(), quant_type, blocksize, double_quant=double_quant,
-                               check_values=check_values)  # fmt: skip
+        weight = quantize_4bit(
+            linear.weight.detach(), quant_type, blocksize, double_quant=double_quant, check_values=check_values
+        )
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(weight, bias)
 
@@ -131,7 +138,7 @@ class Linear4bit(nn.Module):
         if prefix + "weight" not in state_dict:
             missing_keys.append(prefix + "weight")
         else:
-            weight = from_bnb_state_dict({k[len(prefix):]: state_dict[k] for k in weight_keys}, "weight")
+            weight = from_bnb_state_dict({k[len(prefix) :]: state_dict[k] for k in weight_keys}, "weight")
             if weight.shape != self.weight.shape:
                 error_msgs.append(
                     f"size mismatch for {prefix}weight: checkpoint has {tuple(weight.shape)}, "
@@ -147,4 +154,6 @@ class Linear4bit(nn.Module):
                 missing_keys.append(prefix + "bias")
         known = set(weight_keys) | {prefix + "bias"}
         if strict:
-            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known and "." not in k[len(prefix):])
+            unexpected_keys.extend(
+                k for k in state_dict if k.startswith(prefix) and k not in known and "." not in k[len(prefix) :]
+            )

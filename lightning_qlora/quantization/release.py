@@ -58,8 +58,9 @@ def _byte_range(tensor: torch.Tensor) -> tuple[int, int]:
     return begin, begin + tensor.numel() * tensor.element_size()
 
 
-def release_file_backed_pages(weight: torch.Tensor, live: Iterable[torch.Tensor],
-                              mappings: list[tuple[int, int]]) -> int:  # fmt: skip
+def release_file_backed_pages(
+    weight: torch.Tensor, live: Iterable[torch.Tensor], mappings: list[tuple[int, int]]
+) -> int:
     """Drop the whole pages of ``weight`` (about to be discarded) if nothing in ``live`` shares them.
 
     Args:

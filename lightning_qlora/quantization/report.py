@@ -84,10 +84,17 @@ def quantize_layer_stats(
     memory = weight_memory(quantized)
     rows, cols = (weight.shape[0], weight[0].numel()) if weight.dim() > 1 else (1, weight.numel())
     return LayerStats(
-        layer=name, config=config, rows=rows, cols=cols, numel=weight.numel(),
-        float_bytes=memory.float_bytes, stored_bytes=memory.quantized_bytes, codebook_bytes=memory.codebook_bytes,
-        squared_error=float(error.double().square().sum()), max_abs_error=float(error.abs().max()),
-    )  # fmt: skip
+        layer=name,
+        config=config,
+        rows=rows,
+        cols=cols,
+        numel=weight.numel(),
+        float_bytes=memory.float_bytes,
+        stored_bytes=memory.quantized_bytes,
+        codebook_bytes=memory.codebook_bytes,
+        squared_error=float(error.double().square().sum()),
+        max_abs_error=float(error.abs().max()),
+    )
 
 
 def linear_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -119,12 +126,17 @@ def totals(stats: Iterable[LayerStats]) -> dict[str, LayerStats]:
             merged[row.config] = LayerStats(**{**asdict(row), "layer": "TOTAL", "rows": 0, "cols": 0})
             continue
         merged[row.config] = LayerStats(
-            layer="TOTAL", config=row.config, rows=0, cols=0, numel=seen.numel + row.numel,
-            float_bytes=seen.float_bytes + row.float_bytes, stored_bytes=seen.stored_bytes + row.stored_bytes,
+            layer="TOTAL",
+            config=row.config,
+            rows=0,
+            cols=0,
+            numel=seen.numel + row.numel,
+            float_bytes=seen.float_bytes + row.float_bytes,
+            stored_bytes=seen.stored_bytes + row.stored_bytes,
             codebook_bytes=seen.codebook_bytes + row.codebook_bytes,
             squared_error=seen.squared_error + row.squared_error,
             max_abs_error=max(seen.max_abs_error, row.max_abs_error),
-        )  # fmt: skip
+        )
     return merged
 
 
@@ -154,20 +166,41 @@ def render(stats: Sequence[LayerStats], per_layer: bool, title: str) -> None:
         for column in ("layer", "shape", "config", "bits/param", "MSE", "max |err|"):
             table.add_column(column, justify="left" if column in ("layer", "config") else "right")
         for row in stats:
-            table.add_row(row.layer, f"{row.rows}x{row.cols}", row.config, f"{row.bits_per_param:.3f}",
-                          f"{row.mse:.3e}", f"{row.max_abs_error:.4f}")  # fmt: skip
+            table.add_row(
+                row.layer,
+                f"{row.rows}x{row.cols}",
+                row.config,
+                f"{row.bits_per_param:.3f}",
+                f"{row.mse:.3e}",
+                f"{row.max_abs_error:.4f}",
+            )
         console.print(table)
     summary = totals(stats)
     table = Table(title=f"{title}: totals over {len({r.layer for r in stats})} Linear weights")
-    for column in ("config", "params", "bits/param (codes+scales)", "bits/param (stored)", "float MB",
-                   "stored MB", "saved MB", "MSE", "max |err|"):  # fmt: skip
+    for column in (
+        "config",
+        "params",
+        "bits/param (codes+scales)",
+        "bits/param (stored)",
+        "float MB",
+        "stored MB",
+        "saved MB",
+        "MSE",
+        "max |err|",
+    ):
         table.add_column(column, justify="left" if column == "config" else "right")
     for row in summary.values():
         table.add_row(
-            row.config, f"{row.numel:,}", f"{row.payload_bits_per_param:.3f}", f"{row.bits_per_param:.3f}",
-            f"{row.float_bytes / 1e6:.1f}", f"{row.stored_bytes / 1e6:.1f}", f"{row.saved_bytes / 1e6:.1f}",
-            f"{row.mse:.3e}", f"{row.max_abs_error:.4f}",
-        )  # fmt: skip
+            row.config,
+            f"{row.numel:,}",
+            f"{row.payload_bits_per_param:.3f}",
+            f"{row.bits_per_param:.3f}",
+            f"{row.float_bytes / 1e6:.1f}",
+            f"{row.stored_bytes / 1e6:.1f}",
+            f"{row.saved_bytes / 1e6:.1f}",
+            f"{row.mse:.3e}",
+            f"{row.max_abs_error:.4f}",
+        )
     console.print(table)
     nf4_dq = summary["NF4+DQ"]
     console.print(
@@ -189,7 +222,9 @@ def write_csv(stats: Sequence[LayerStats], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m lightning_qlora.quantization.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_qlora.quantization.report", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--model", choices=MODELS, default="smollm2", help="model whose Linear layers to quantize")
     parser.add_argument("--blocksize", type=int, choices=BLOCK_SIZES_4BIT, default=64, help="elements per absmax block")
     parser.add_argument("--csv", type=Path, help="also write every per-layer row to this CSV file")

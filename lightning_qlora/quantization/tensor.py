@@ -115,7 +115,9 @@ class Quantized4bitTensor(torch.Tensor):
         """The float weight, shape ``self.shape``, in ``dtype`` (default: the original dtype)."""
         dtype = self.dtype if dtype is None else dtype
         check_output_dtype(dtype)
-        return op("dequantize_4bit")(self.packed, self.block_absmax(), self.code, self.blocksize, list(self.shape), dtype)
+        return op("dequantize_4bit")(
+            self.packed, self.block_absmax(), self.code, self.blocksize, list(self.shape), dtype
+        )
 
     def storage_nbytes(self) -> int:
         """Exact bytes held: packed codes, absmax (or its 8-bit codes, nested absmax, offset), codebooks."""
@@ -183,7 +185,9 @@ class Quantized4bitTensor(torch.Tensor):
             meta["dtype"],
         )
 
-    def _with(self, fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype | None = None) -> Quantized4bitTensor:
+    def _with(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype | None = None
+    ) -> Quantized4bitTensor:
         """A new tensor whose storage tensors are ``fn(t)`` (e.g. moved or cloned)."""
         nested = None
         if self.nested is not None:
@@ -191,9 +195,15 @@ class Quantized4bitTensor(torch.Tensor):
             nested = NestedAbsmax(fn(n.codes), fn(n.nested_absmax), fn(n.code), fn(n.offset), n.blocksize)
         absmax = fn(self.absmax) if self.absmax is not None else None
         return Quantized4bitTensor(
-            fn(self.packed), absmax, nested, fn(self.code), self.quant_type, self.blocksize, self.shape,
+            fn(self.packed),
+            absmax,
+            nested,
+            fn(self.code),
+            self.quant_type,
+            self.blocksize,
+            self.shape,
             dtype or self.dtype,
-        )  # fmt: skip
+        )
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:

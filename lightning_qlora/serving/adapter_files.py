@@ -37,8 +37,14 @@ from lightning_qlora.adapters.io import CONFIG_FILE, PEFT_CONFIG_FILE, WEIGHTS_F
 from lightning_qlora.adapters.registry import config_from_dict
 from lightning_qlora.serving.errors import AdapterFormatError
 
-__all__ = ["AdapterFormatError", "LoRAFactors", "LoRAModuleFactors", "check_fits",
-           "is_adapter_dir", "read_lora_factors"]  # fmt: skip
+__all__ = [
+    "AdapterFormatError",
+    "LoRAFactors",
+    "LoRAModuleFactors",
+    "check_fits",
+    "is_adapter_dir",
+    "read_lora_factors",
+]
 
 
 #: One adapted layer, ``delta(x) = scale * x @ A^T @ B^T`` (the adapters' own factor type).
@@ -71,20 +77,27 @@ def _read_files(directory: Path) -> AdapterFiles:
 
 def _positive(value: Any, key: str, kind: type | tuple[type, ...], where: Path) -> Any:
     if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        raise AdapterFormatError(f"{where}: {key}={value!r} must be a positive "
-                                 f"{'integer' if kind is int else 'number'}; fix the config or re-save the adapter.")  # fmt: skip
+        raise AdapterFormatError(
+            f"{where}: {key}={value!r} must be a positive "
+            f"{'integer' if kind is int else 'number'}; fix the config or re-save the adapter."
+        )
     return value
 
 
-def _factors(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, name: str, declared_rank: int,
-             where: str) -> LoRAModuleFactors:  # fmt: skip
+def _factors(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, name: str, declared_rank: int, where: str
+) -> LoRAModuleFactors:
     if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != lora_B.shape[1]:
-        raise AdapterFormatError(f"{where}: {name} has lora_A {tuple(lora_A.shape)} and lora_B "
-                                 f"{tuple(lora_B.shape)}, which are not (r, in) and (out, r) of one rank r.")  # fmt: skip
+        raise AdapterFormatError(
+            f"{where}: {name} has lora_A {tuple(lora_A.shape)} and lora_B "
+            f"{tuple(lora_B.shape)}, which are not (r, in) and (out, r) of one rank r."
+        )
     if lora_A.shape[0] != declared_rank:
-        raise AdapterFormatError(f"{where}: the config declares rank {declared_rank} for {name} but its tensors have "
-                                 f"rank {lora_A.shape[0]}; the scale alpha/r would be wrong. Fix r (or rank_pattern) "
-                                 "in the config or re-save the adapter.")  # fmt: skip
+        raise AdapterFormatError(
+            f"{where}: the config declares rank {declared_rank} for {name} but its tensors have "
+            f"rank {lora_A.shape[0]}; the scale alpha/r would be wrong. Fix r (or rank_pattern) "
+            "in the config or re-save the adapter."
+        )
     lora_A, lora_B = lora_A.float().contiguous(), lora_B.float().contiguous()
     if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
         raise AdapterFormatError(f"{where}: {name} has non-finite (NaN or inf) factors.")
@@ -124,13 +137,18 @@ def _from_peft(directory: Path, meta: dict[str, Any], tensors: dict[str, torch.T
     if meta.get("peft_type") != "LORA" or meta.get("use_dora"):
         kind = "DoRA" if meta.get("use_dora") else meta.get("peft_type")
         raise AdapterFormatError(f"{directory}: PEFT adapter type {kind!r} cannot be served; only plain LORA can.")
-    r, lora_alpha = _positive(meta["r"], "r", int, where), _positive(meta["lora_alpha"], "lora_alpha", (int, float), where)
+    r, lora_alpha = (
+        _positive(meta["r"], "r", int, where),
+        _positive(meta["lora_alpha"], "lora_alpha", (int, float), where),
+    )
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         match = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
         if match is None:
-            raise AdapterFormatError(f"{directory}: tensor {key!r} is not a LoRA factor (embeddings, biases and "
-                                     "modules_to_save cannot be served).")  # fmt: skip
+            raise AdapterFormatError(
+                f"{directory}: tensor {key!r} is not a LoRA factor (embeddings, biases and "
+                "modules_to_save cannot be served)."
+            )
         pairs.setdefault(match.group(1), {})[match.group(2)] = value
     modules = {}
     for name, pair in sorted(pairs.items()):
@@ -182,5 +200,7 @@ def check_fits(name: str, factors: LoRAFactors, module_shapes: dict[str, tuple[i
                 f"base layer has {expected}; was it trained on another model?"
             )
         if max(expected) > page_size:
-            raise AdapterFormatError(f"adapter {name!r}: pool pages of {page_size} floats cannot hold a factor row "
-                                     f"of {max(expected)}; start the server with page_size >= {max(expected)}.")  # fmt: skip
+            raise AdapterFormatError(
+                f"adapter {name!r}: pool pages of {page_size} floats cannot hold a factor row "
+                f"of {max(expected)}; start the server with page_size >= {max(expected)}."
+            )

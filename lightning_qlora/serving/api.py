@@ -100,17 +100,25 @@ class ServerConfig:
 
         model, tokenizer = load_tiny_llama() if self.model == "tiny" else load_smollm2()
         quantize_linears(model, "nf4", self.blocksize, self.double_quant)
-        return GenerationEngine(model, tokenizer, adapters_dir=self.adapters_dir, num_pages=self.num_pages,
-                                page_size=self.page_size, max_batch_size=self.max_batch_size,
-                                max_prompt_tokens=self.max_prompt_tokens,
-                                max_queue_wait_s=self.max_queue_wait_s)  # fmt: skip
+        return GenerationEngine(
+            model,
+            tokenizer,
+            adapters_dir=self.adapters_dir,
+            num_pages=self.num_pages,
+            page_size=self.page_size,
+            max_batch_size=self.max_batch_size,
+            max_prompt_tokens=self.max_prompt_tokens,
+            max_queue_wait_s=self.max_queue_wait_s,
+        )
 
 
-def _error(status: int, message: str, kind: str | None = None, headers: dict[str, str] | None = None,
-           **extra: Any) -> JSONResponse:  # fmt: skip
+def _error(
+    status: int, message: str, kind: str | None = None, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
     kind = kind or {404: "model_not_found", 413: "request_too_large"}.get(status, "invalid_request_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status, **extra}}, status_code=status,
-                        headers=headers)  # fmt: skip
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "code": status, **extra}}, status_code=status, headers=headers
+    )
 
 
 def _error_of(error: BaseException) -> JSONResponse:
@@ -140,8 +148,13 @@ def _sampling(body: dict[str, Any]) -> SamplingParams:
 def _prompt_of(kind: str, body: dict[str, Any]) -> Any:
     if kind == "chat":
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            )
         ):
             raise InvalidRequestError("messages must be a non-empty list of {'role': str, 'content': str} objects.")
         return messages
@@ -177,9 +190,13 @@ class OpenAIAdapterSpec(LitSpec):
         return output
 
     async def list_models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": self.created,
-                                            "owned_by": "lightning_qlora"}
-                                           for name in self.known_models]}  # fmt: skip
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": self.created, "owned_by": "lightning_qlora"}
+                for name in self.known_models
+            ],
+        }
 
     async def stats(self) -> Any:
         """Pool occupancy and adapter residency, read from the worker's engine."""
@@ -209,8 +226,9 @@ class OpenAIAdapterSpec(LitSpec):
         limit = self.limits.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise RequestTooLargeError(f"the request body has {declared} bytes; this server accepts at most {limit} "
-                                       "(max_body_bytes).")  # fmt: skip
+            raise RequestTooLargeError(
+                f"the request body has {declared} bytes; this server accepts at most {limit} (max_body_bytes)."
+            )
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
@@ -222,14 +240,18 @@ class OpenAIAdapterSpec(LitSpec):
         """Refuse (413) a prompt over the character / message limits before anything tokenizes it."""
         if kind == "chat":
             if len(prompt) > self.limits.max_messages:
-                raise RequestTooLargeError(f"the request has {len(prompt)} messages; this server accepts at most "
-                                           f"{self.limits.max_messages} (max_messages).")  # fmt: skip
+                raise RequestTooLargeError(
+                    f"the request has {len(prompt)} messages; this server accepts at most "
+                    f"{self.limits.max_messages} (max_messages)."
+                )
             chars = sum(len(m["content"]) + len(m["role"]) for m in prompt)
         else:
             chars = len(prompt)
         if chars > self.limits.max_prompt_chars:
-            raise RequestTooLargeError(f"the prompt has {chars} characters; this server accepts at most "
-                                       f"{self.limits.max_prompt_chars} (max_prompt_chars).")  # fmt: skip
+            raise RequestTooLargeError(
+                f"the prompt has {chars} characters; this server accepts at most "
+                f"{self.limits.max_prompt_chars} (max_prompt_chars)."
+            )
 
     async def _handle(self, kind: str, request: Request) -> Any:
         try:
@@ -294,11 +316,18 @@ class OpenAIAdapterSpec(LitSpec):
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
-        return {"id": f"cmpl-{request_id}", "object": "chat.completion" if kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": model, "choices": [choice], "usage": usage}  # fmt: skip
+        return {
+            "id": f"cmpl-{request_id}",
+            "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+            "usage": usage,
+        }
 
-    async def _sse(self, kind: str, model: str, request_id: str, uid: uuid.UUID,
-                   chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:  # fmt: skip
+    async def _sse(
+        self, kind: str, model: str, request_id: str, uid: uuid.UUID, chunks: AsyncIterator[dict[str, Any]]
+    ) -> AsyncIterator[str]:
         finished = False
         try:
             async for chunk in chunks:
@@ -311,9 +340,13 @@ class OpenAIAdapterSpec(LitSpec):
                     choice["delta"] = {"role": "assistant", "content": chunk["text"]}
                 else:
                     choice["text"] = chunk["text"]
-                message = {"id": f"cmpl-{request_id}", "model": model, "created": int(time.time()),
-                           "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                           "choices": [choice]}  # fmt: skip
+                message = {
+                    "id": f"cmpl-{request_id}",
+                    "model": model,
+                    "created": int(time.time()),
+                    "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                    "choices": [choice],
+                }
                 if chunk.get("finish_reason") is not None:
                     finished = True
                     message["usage"] = self._final(kind, model, request_id, "", chunk)["usage"]
@@ -351,10 +384,16 @@ class AdapterServingAPI(ls.LitAPI):
             return
         if payload["kind"] == "stats":
             stats = engine.pool.stats()
-            yield {**dataclasses.asdict(stats), "occupancy": stats.occupancy, "page_size": engine.pool.page_size,
-                   "loaded_adapters": engine.registry.loaded(), "evictions": len(engine.registry.stats.evicted),
-                   "adapter_loads": engine.registry.stats.loads, "running": len(engine._running),
-                   "finish_reasons": dict(engine.finish_reasons)}  # fmt: skip
+            yield {
+                **dataclasses.asdict(stats),
+                "occupancy": stats.occupancy,
+                "page_size": engine.pool.page_size,
+                "loaded_adapters": engine.registry.loaded(),
+                "evictions": len(engine.registry.stats.evicted),
+                "adapter_loads": engine.registry.stats.loads,
+                "running": len(engine._running),
+                "finish_reasons": dict(engine.finish_reasons),
+            }
             return
         loop = asyncio.get_running_loop()
 
@@ -369,18 +408,30 @@ class AdapterServingAPI(ls.LitAPI):
             handle = await asyncio.to_thread(submit)
         except Exception as error:  # noqa: BLE001 -- every failure is answered with its typed status
             status, kind, message, headers = http_answer(error)
-            yield {"error": message, "status": status, "error_type": kind,
-                   "retry_after": int(headers["Retry-After"]) if "Retry-After" in headers else None}  # fmt: skip
+            yield {
+                "error": message,
+                "status": status,
+                "error_type": kind,
+                "retry_after": int(headers["Retry-After"]) if "Retry-After" in headers else None,
+            }
             return
         self.handles[payload["id"]] = handle
         try:
             async for event in handle:
                 if event.finish_reason == "error":
-                    yield {"error": event.error, "status": event.status, "error_type": event.error_type,
-                           "retry_after": event.retry_after}  # fmt: skip
+                    yield {
+                        "error": event.error,
+                        "status": event.status,
+                        "error_type": event.error_type,
+                        "retry_after": event.retry_after,
+                    }
                     return
-                yield {"text": event.text, "finish_reason": event.finish_reason, "prompt_tokens": event.prompt_tokens,
-                       "completion_tokens": event.completion_tokens}  # fmt: skip
+                yield {
+                    "text": event.text,
+                    "finish_reason": event.finish_reason,
+                    "prompt_tokens": event.prompt_tokens,
+                    "completion_tokens": event.completion_tokens,
+                }
         finally:
             self.handles.pop(payload["id"], None)
 
@@ -399,5 +450,6 @@ class AdapterServer(ls.LitServer):
 
 def build_server(config: ServerConfig, **server_kwargs: Any) -> AdapterServer:
     """A server with the OpenAI-compatible routes (one CPU worker: one engine, one base in memory)."""
-    return AdapterServer(AdapterServingAPI(config), accelerator="cpu", devices=1, workers_per_device=1,
-                        timeout=False, **server_kwargs)  # fmt: skip
+    return AdapterServer(
+        AdapterServingAPI(config), accelerator="cpu", devices=1, workers_per_device=1, timeout=False, **server_kwargs
+    )

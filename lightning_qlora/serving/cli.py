@@ -34,9 +34,11 @@ _SERVER_ENV = "LIGHTNING_QLORA_SERVE_CHILD"
 #: seconds the server group has to stop after a forwarded signal before it is killed
 GRACE_SECONDS = 15.0
 
-USAGE = "usage: lightning-qlora serve adapters_dir=DIR [host=127.0.0.1] [port=8000] [model=smollm2|tiny] " \
-        "[num_pages=8192] [page_size=N] [max_batch_size=16] [max_prompt_tokens=N] [max_body_bytes=2097152] " \
-        "[max_prompt_chars=131072] [max_messages=1024] [max_queue_wait_s=60] [log_level=info]"  # fmt: skip
+USAGE = (
+    "usage: lightning-qlora serve adapters_dir=DIR [host=127.0.0.1] [port=8000] [model=smollm2|tiny] "
+    "[num_pages=8192] [page_size=N] [max_batch_size=16] [max_prompt_tokens=N] [max_body_bytes=2097152] "
+    "[max_prompt_chars=131072] [max_messages=1024] [max_queue_wait_s=60] [log_level=info]"
+)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -185,8 +187,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if os.environ.get(_SERVER_ENV) != "1":
         raise SystemExit(_supervise(argv))  # bad arguments failed above, in the user's process
     _stop_on_sigterm()
-    build_server(server_config).run(host=run["host"], port=run["port"], log_level=run["log_level"],
-                                    generate_client_file=False)  # fmt: skip
+    build_server(server_config).run(
+        host=run["host"], port=run["port"], log_level=run["log_level"], generate_client_file=False
+    )
 
 
 if __name__ == "__main__":

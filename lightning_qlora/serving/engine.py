@@ -83,8 +83,10 @@ def _check_positive(name: str, value: Any, kind: type = int, optional: bool = Fa
     if optional and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
-        raise ServerConfigError(f"{name}={value!r} must be a positive {'number' if kind is float else 'integer'}"
-                                f"{' or None' if optional else ''}.")  # fmt: skip
+        raise ServerConfigError(
+            f"{name}={value!r} must be a positive {'number' if kind is float else 'integer'}"
+            f"{' or None' if optional else ''}."
+        )
 
 
 class GenerationEngine:
@@ -173,22 +175,28 @@ class GenerationEngine:
         if not ids:
             raise InvalidRequestError("the prompt is empty; send at least one token.")
         if len(ids) > self.max_prompt_tokens:
-            raise RequestTooLargeError(f"the prompt has {len(ids)} tokens; this server accepts at most "
-                                       f"{self.max_prompt_tokens}.")  # fmt: skip
+            raise RequestTooLargeError(
+                f"the prompt has {len(ids)} tokens; this server accepts at most {self.max_prompt_tokens}."
+            )
         total = len(ids) + params.max_tokens
         if total > self.runner.max_positions:
-            raise RequestTooLargeError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                                       f"model's context of {self.runner.max_positions} tokens.")  # fmt: skip
+            raise RequestTooLargeError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"model's context of {self.runner.max_positions} tokens."
+            )
         needed = self.runner.kv_pages_for(total) + (self.registry.pages_needed(name) if name else 0)
         if needed > self.pool.num_pages:
-            raise RequestTooLargeError(f"this request needs {needed} pool pages (KV cache + adapter) but the pool has "
-                                       f"{self.pool.num_pages}; lower max_tokens or the prompt.")  # fmt: skip
+            raise RequestTooLargeError(
+                f"this request needs {needed} pool pages (KV cache + adapter) but the pool has "
+                f"{self.pool.num_pages}; lower max_tokens or the prompt."
+            )
         generator = None
         if params.temperature > 0:
             generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
         handle = RequestHandle(f"req-{next(self._ids)}", loop)
-        request = _Request(handle, name, ids, params, generator, time.monotonic(),
-                           logits=[] if self.record_logits else None)  # fmt: skip
+        request = _Request(
+            handle, name, ids, params, generator, time.monotonic(), logits=[] if self.record_logits else None
+        )
         self._incoming.append(request)
         self._wake.set()
         return handle
@@ -278,13 +286,17 @@ class GenerationEngine:
             if len(self._running) >= self.max_batch_size:
                 why = f"the batch is full ({len(self._running)} = max_batch_size requests running)"
             else:
-                why = (f"the page pool has {self.pool.free_pages} free pages of {self.pool.num_pages} and the running "
-                       "requests' adapters and KV cache hold the rest")  # fmt: skip
+                why = (
+                    f"the page pool has {self.pool.free_pages} free pages of {self.pool.num_pages} and the running "
+                    "requests' adapters and KV cache hold the rest"
+                )
             remaining = min((r.params.max_tokens - len(r.generated) for r in self._running), default=1)
             retry = min(60, math.ceil(remaining * self._step_seconds))
-            error = PoolExhaustedError(f"request waited {now - request.submitted:.1f} s (max_queue_wait_s="
-                                       f"{self.max_queue_wait_s:g}) without being admitted: {why}. Retry later.",
-                                       retry_after=retry)  # fmt: skip
+            error = PoolExhaustedError(
+                f"request waited {now - request.submitted:.1f} s (max_queue_wait_s="
+                f"{self.max_queue_wait_s:g}) without being admitted: {why}. Retry later.",
+                retry_after=retry,
+            )
             self._finish(request, "error", emit_rest=False, error=error)
 
     def _forward(self, batch: list[_Request], decoding: int) -> None:
@@ -324,8 +336,9 @@ class GenerationEngine:
                 b_rows[:, slot, : adapter.b_rows.shape[1]] = adapter.b_rows
             ranks = torch.stack([a.ranks for a in adapters.values()], dim=1)
             scales = torch.stack([a.scales for a in adapters.values()], dim=1)
-            tables = StepLoRA(a_rows, b_rows, ranks, scales, torch.empty(0, dtype=torch.int64),
-                              (ranks > 0).any(dim=1).tolist())  # fmt: skip
+            tables = StepLoRA(
+                a_rows, b_rows, ranks, scales, torch.empty(0, dtype=torch.int64), (ranks > 0).any(dim=1).tolist()
+            )
             self._tables = (key, tables)
         slot_of = {name: slot for slot, name in enumerate(adapters)}
         slots = [slot_of[r.adapter.name] if r.adapter is not None else -1 for r in requests]
@@ -357,8 +370,14 @@ class GenerationEngine:
     def _text(self, request: _Request) -> str:
         return self.tokenizer.decode(request.generated, skip_special_tokens=True)
 
-    def _finish(self, request: _Request, reason: str, text: str | None = None, emit_rest: bool = True,
-                error: BaseException | None = None) -> None:  # fmt: skip
+    def _finish(
+        self,
+        request: _Request,
+        reason: str,
+        text: str | None = None,
+        emit_rest: bool = True,
+        error: BaseException | None = None,
+    ) -> None:
         """End ``request``: free its pages, unpin its adapter, send its last event (never raises for it)."""
         if request in self._running:
             self._running.remove(request)

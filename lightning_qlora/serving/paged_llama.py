@@ -37,9 +37,14 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 
 #: The projections of a Llama block that adapters may target, in table order.
 ADAPTABLE_PROJECTIONS: tuple[str, ...] = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-)  # fmt: skip
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 @dataclass
@@ -90,8 +95,11 @@ def check_supported(model: nn.Module) -> None:
 def adaptable_shapes(model: nn.Module) -> list[tuple[int, int]]:
     """``(in, out)`` of every adaptable projection of a served model (the rows the pool pages must hold)."""
     check_supported(model)
-    return [(m.in_features, m.out_features) for layer in model.model.layers
-            for m in (layer.get_submodule(p) for p in ADAPTABLE_PROJECTIONS)]  # fmt: skip
+    return [
+        (m.in_features, m.out_features)
+        for layer in model.model.layers
+        for m in (layer.get_submodule(p) for p in ADAPTABLE_PROJECTIONS)
+    ]
 
 
 def _sliding_windows(config: object, num_layers: int) -> list[int | None]:
@@ -132,8 +140,10 @@ class PagedLlama:
         self.max_positions = int(config.max_position_embeddings)
         self.tokens_per_page = pool.page_size // (2 * self.kv_dim)
         if self.tokens_per_page < 1:
-            raise ServerConfigError(f"pool pages of {pool.page_size} floats cannot hold one token's K and V of one layer "
-                             f"({2 * self.kv_dim} floats); use page_size >= {2 * self.kv_dim}.")  # fmt: skip
+            raise ServerConfigError(
+                f"pool pages of {pool.page_size} floats cannot hold one token's K and V of one layer "
+                f"({2 * self.kv_dim} floats); use page_size >= {2 * self.kv_dim}."
+            )
         self.windows = _sliding_windows(config, self.num_layers)
         self.module_names: list[str] = []
         self.module_shapes: dict[str, tuple[int, int]] = {}
@@ -148,8 +158,13 @@ class PagedLlama:
                 self._modules.append(module)
                 if isinstance(module, Linear4bit):  # decode the double-quantized absmax once
                     w = module.weight
-                    self._weight_args[len(self._modules) - 1] = (w.packed, w.block_absmax(), w.code, w.blocksize,
-                                                                 list(w.shape))  # fmt: skip
+                    self._weight_args[len(self._modules) - 1] = (
+                        w.packed,
+                        w.block_absmax(),
+                        w.code,
+                        w.blocksize,
+                        list(w.shape),
+                    )
 
     def kv_pages_for(self, tokens: int) -> int:
         """Pool pages the KV cache of a sequence of ``tokens`` tokens occupies (all layers)."""
@@ -166,18 +181,30 @@ class PagedLlama:
         else:
             y = module(x)
         if lora is not None and lora.active[m]:
-            y = y + op("bgmv")(x, self.pool.data, lora.a_rows[m], lora.b_rows[m], lora.ranks[m], lora.scales[m],
-                               lora.row_slots, y.shape[-1])  # fmt: skip
+            y = y + op("bgmv")(
+                x,
+                self.pool.data,
+                lora.a_rows[m],
+                lora.b_rows[m],
+                lora.ranks[m],
+                lora.scales[m],
+                lora.row_slots,
+                y.shape[-1],
+            )
         return y
 
-    def _attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
+    def _attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _StepPlan
+    ) -> torch.Tensor:
         """``q (N, H, d)``, new ``k, v (N, Hkv, d)`` -> ``(N, H * d)``; writes k, v to the pool first."""
         flat = self.pool.data
         rows = len(plan.sequences)
         kv = torch.cat([k.reshape(-1, self.kv_dim), v.reshape(-1, self.kv_dim)], dim=1)  # (N, 2 * kv_dim)
         flat[plan.write_offsets[layer].unsqueeze(1) + plan.kv_arange] = kv
         pages = self.pool.data.view(self.pool.num_pages, self.pool.page_size)[plan.read_pages[:, layer]]
-        cache = pages[..., : self.tokens_per_page * 2 * self.kv_dim].reshape(rows, -1, 2, self.num_kv_heads, self.head_dim)
+        cache = pages[..., : self.tokens_per_page * 2 * self.kv_dim].reshape(
+            rows, -1, 2, self.num_kv_heads, self.head_dim
+        )
         keys = cache[:, : plan.max_keys, 0].transpose(1, 2)  # (n, Hkv, K, d)
         values = cache[:, : plan.max_keys, 1].transpose(1, 2)
         groups = self.num_heads // self.num_kv_heads
@@ -255,7 +282,9 @@ class _StepPlan:
         positions, query_rows, writes = [], [], []
         for row, (s, q) in enumerate(zip(sequences, lengths)):
             if s.past + q > s.page_table.shape[1] * tpp:
-                raise ValueError(f"sequence needs {s.past + q} KV slots but its page table holds {s.page_table.shape[1] * tpp}.")
+                raise ValueError(
+                    f"sequence needs {s.past + q} KV slots but its page table holds {s.page_table.shape[1] * tpp}."
+                )
             read_pages[row, :, : s.page_table.shape[1]] = s.page_table
             pos = torch.arange(s.past, s.past + q)
             positions.append(pos)
@@ -269,6 +298,17 @@ class _StepPlan:
         query_positions = past + query_index.view(1, -1, 1)  # (n, Qmax, 1)
         mask = (key_index.view(1, 1, -1) <= query_positions).unsqueeze(1)
         last_rows = torch.tensor(lengths).cumsum(0) - 1
-        return _StepPlan(sequences, torch.cat([s.tokens for s in sequences]), positions_t, torch.cat(writes, dim=1),
-                         torch.arange(2 * runner.kv_dim), read_pages, torch.cat(query_rows), last_rows, mask,
-                         max_queries, max_keys, query_positions.unsqueeze(1))  # fmt: skip
+        return _StepPlan(
+            sequences,
+            torch.cat([s.tokens for s in sequences]),
+            positions_t,
+            torch.cat(writes, dim=1),
+            torch.arange(2 * runner.kv_dim),
+            read_pages,
+            torch.cat(query_rows),
+            last_rows,
+            mask,
+            max_queries,
+            max_keys,
+            query_positions.unsqueeze(1),
+        )

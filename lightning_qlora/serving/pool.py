@@ -130,5 +130,12 @@ class PagePool:
     def stats(self) -> PoolStats:
         with self._lock:
             kinds = [owner.partition(":")[0] for owner in self._owner.values()]
-            return PoolStats(self.num_pages, self.num_pages - len(self._free), self._peak, kinds.count("kv"),
-                             kinds.count("adapter"), self._allocations, self._frees)  # fmt: skip
+            return PoolStats(
+                self.num_pages,
+                self.num_pages - len(self._free),
+                self._peak,
+                kinds.count("kv"),
+                kinds.count("adapter"),
+                self._allocations,
+                self._frees,
+            )

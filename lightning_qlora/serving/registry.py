@@ -85,13 +85,17 @@ class AdapterRegistry:
         adapters_dir: a directory whose sub-directories are adapters (optional; see :meth:`register`).
     """
 
-    def __init__(self, pool: PagePool, module_shapes: dict[str, tuple[int, int]], adapters_dir: str | Path | None = None) -> None:
+    def __init__(
+        self, pool: PagePool, module_shapes: dict[str, tuple[int, int]], adapters_dir: str | Path | None = None
+    ) -> None:
         self.pool = pool
         self.module_index = {name: index for index, name in enumerate(module_shapes)}
         self.module_shapes = dict(module_shapes)
         self._paths: dict[str, Path] = {}
         self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
-        self._checked: dict[str, tuple[tuple, int | AdapterFormatError]] = {}  # name -> (file signature, pages or error)
+        self._checked: dict[
+            str, tuple[tuple, int | AdapterFormatError]
+        ] = {}  # name -> (file signature, pages or error)
         self._lock = threading.RLock()
         self.stats = RegistryStats()
         if adapters_dir is not None:
@@ -110,8 +114,9 @@ class AdapterRegistry:
         """Register every adapter sub-directory of ``adapters_dir`` under its directory name."""
         root = Path(adapters_dir)
         if not root.is_dir():
-            raise ServerConfigError(f"adapters_dir={str(root)!r} is not a directory; give the directory whose "
-                                    "sub-directories are adapters.")  # fmt: skip
+            raise ServerConfigError(
+                f"adapters_dir={str(root)!r} is not a directory; give the directory whose sub-directories are adapters."
+            )
         names = [child.name for child in sorted(root.iterdir()) if child.is_dir() and is_adapter_dir(child)]
         for name in names:
             self.register(name, root / name)
@@ -138,15 +143,21 @@ class AdapterRegistry:
             check_fits(name, factors, self.module_shapes, self.pool.page_size)
         except AdapterFormatError as error:
             message = str(error)
-            raise AdapterFormatError(message if message.startswith(f"adapter {name!r}") else
-                                     f"adapter {name!r} cannot be served: {message}") from error  # fmt: skip
+            raise AdapterFormatError(
+                message if message.startswith(f"adapter {name!r}") else f"adapter {name!r} cannot be served: {message}"
+            ) from error
         return factors
 
     def _signature(self, name: str) -> tuple:
         """What identifies the files' current content cheaply (names, sizes, mtimes): a change re-validates."""
         try:
-            return tuple(sorted((p.name, s.st_size, s.st_mtime_ns) for p in self._paths[name].iterdir()
-                                if p.is_file() and (s := p.stat())))  # fmt: skip
+            return tuple(
+                sorted(
+                    (p.name, s.st_size, s.st_mtime_ns)
+                    for p in self._paths[name].iterdir()
+                    if p.is_file() and (s := p.stat())
+                )
+            )
         except OSError:
             return ()
 
@@ -198,8 +209,13 @@ class AdapterRegistry:
         adapter = self._loaded.pop(name)
         self.pool.free(adapter.pages)
         self.stats.evicted.append(name)
-        log.info("evicted adapter %r (%d pages, least recently used and idle); pool %d/%d pages used",
-                 name, len(adapter.pages), self.pool.used_pages, self.pool.num_pages)  # fmt: skip
+        log.info(
+            "evicted adapter %r (%d pages, least recently used and idle); pool %d/%d pages used",
+            name,
+            len(adapter.pages),
+            self.pool.used_pages,
+            self.pool.num_pages,
+        )
 
     def _load(self, name: str) -> LoadedAdapter:
         factors = self._read(name)  # again: the files may have changed since submission

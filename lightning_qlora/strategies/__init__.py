@@ -20,5 +20,11 @@ for _strategy in (PagedStrategy, PagedDDPStrategy, QLoRAFSDPStrategy):
     if _strategy.strategy_name not in StrategyRegistry:  # import lightning_qlora registers them lazily already
         _strategy.register_strategies(StrategyRegistry)
 
-__all__ = ["PagedDDPStrategy", "PagedStrategy", "QLoRAFSDPStrategy", "load_paged_optimizer_states", "modules_with_4bit_weights",
-           "page_strategy_optimizers"]
+__all__ = [
+    "PagedDDPStrategy",
+    "PagedStrategy",
+    "QLoRAFSDPStrategy",
+    "load_paged_optimizer_states",
+    "modules_with_4bit_weights",
+    "page_strategy_optimizers",
+]

@@ -36,8 +36,7 @@ from lightning_qlora.quantization.tensor import Quantized4bitTensor
 
 def modules_with_4bit_weights(module: nn.Module) -> list[nn.Module]:
     """Every submodule that directly holds a 4-bit weight (the states FSDP must ignore)."""
-    return [m for m in module.modules()
-            if any(isinstance(p, Quantized4bitTensor) for p in m.parameters(recurse=False))]  # fmt: skip
+    return [m for m in module.modules() if any(isinstance(p, Quantized4bitTensor) for p in m.parameters(recurse=False))]
 
 
 class QLoRAFSDPStrategy(AtomicCheckpointIODefault, FSDPStrategy):
@@ -74,10 +73,14 @@ class QLoRAFSDPStrategy(AtomicCheckpointIODefault, FSDPStrategy):
         # Lightning passes device_id=root_device.index, which is None on CPU, and FSDP then looks
         # for an accelerator; naming the CPU device keeps FSDP on it (activation checkpointing is
         # not applied on this path)
-        return FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
-                                        mixed_precision=self.mixed_precision_config,
-                                        sharding_strategy=self.sharding_strategy, device_id=self.root_device,
-                                        **self.kwargs)  # fmt: skip
+        return FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=self.root_device,
+            **self.kwargs,
+        )
 
     @classmethod
     @override

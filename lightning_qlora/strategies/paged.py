@@ -106,9 +106,14 @@ class PagedStrategy(AtomicCheckpointIODefault, _PagedOptimizerHooks, SingleDevic
     ) -> None:
         super().__init__(device=device if device is not None else "cpu", **kwargs)
         self._device_from_accelerator = device is None
-        self.paging = PagingConfig(store=store, budget_bytes=budget_bytes, page_dir=page_dir,
-                                   page_elements=page_elements, optim_bits=optim_bits,
-                                   implementation=implementation)  # fmt: skip
+        self.paging = PagingConfig(
+            store=store,
+            budget_bytes=budget_bytes,
+            page_dir=page_dir,
+            page_elements=page_elements,
+            optim_bits=optim_bits,
+            implementation=implementation,
+        )
 
     @override
     def setup_environment(self) -> None:
@@ -145,9 +150,14 @@ class PagedDDPStrategy(AtomicCheckpointIODefault, _PagedOptimizerHooks, DDPStrat
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.paging = PagingConfig(store=store, budget_bytes=budget_bytes, page_dir=page_dir,
-                                   page_elements=page_elements, optim_bits=optim_bits,
-                                   implementation=implementation)  # fmt: skip
+        self.paging = PagingConfig(
+            store=store,
+            budget_bytes=budget_bytes,
+            page_dir=page_dir,
+            page_elements=page_elements,
+            optim_bits=optim_bits,
+            implementation=implementation,
+        )
 
     @classmethod
     @override

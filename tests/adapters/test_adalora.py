@@ -30,7 +30,12 @@ def test_importance_ema_and_triplet_scores_closed_form():
     for step in range(2):
         layer.zero_grad()
         (layer(torch.randn(7, 5)) * (step + 1)).square().sum().backward()
-        grads.append({n: (getattr(layer, n).detach().clone(), getattr(layer, n).grad.clone()) for n in ("lora_A", "lora_E", "lora_B")})
+        grads.append(
+            {
+                n: (getattr(layer, n).detach().clone(), getattr(layer, n).grad.clone())
+                for n in ("lora_A", "lora_E", "lora_B")
+            }
+        )
         layer.update_importance(beta1=0.8, beta2=0.6)
     expected = {}
     for name in ("lora_A", "lora_E", "lora_B"):

@@ -140,10 +140,14 @@ def test_merge_into_nf4_reports_the_requantization_error(two_proj):
 
 @pytest.mark.parametrize(
     ("config_factory", "match"),
-    [(lambda: LoRAConfig(r=0), "positive integer"), (lambda: LoRAConfig(r=-2), "positive integer"),
-     (lambda: LoRAConfig(r=3, dropout=1.5), "dropout"), (lambda: LoRAPlusConfig(r=2, lr_ratio=0), "lr_ratio"),
-     (lambda: VeRAConfig(r=0), "positive integer")],
-)  # fmt: skip
+    [
+        (lambda: LoRAConfig(r=0), "positive integer"),
+        (lambda: LoRAConfig(r=-2), "positive integer"),
+        (lambda: LoRAConfig(r=3, dropout=1.5), "dropout"),
+        (lambda: LoRAPlusConfig(r=2, lr_ratio=0), "lr_ratio"),
+        (lambda: VeRAConfig(r=0), "positive integer"),
+    ],
+)
 def test_bad_configs(config_factory, match):
     with pytest.raises(AdapterConfigError, match=match):
         config_factory()
@@ -169,7 +173,11 @@ def test_target_matching_styles(two_proj, clone):
     assert inject_adapters(clone(two_proj), LoRAConfig(r=2), "all-linear") == ["q_proj", "v_proj"]
     assert inject_adapters(clone(two_proj), LoRAConfig(r=2), "re:(q|v)_proj") == ["q_proj", "v_proj"]
     assert inject_adapters(clone(two_proj), LoRAConfig(r=2), ["v_*"]) == ["v_proj"]
-    assert inject_adapters(clone(two_proj), LoRAConfig(r=2), "all-linear", exclude=()) == ["q_proj", "v_proj", "lm_head"]
+    assert inject_adapters(clone(two_proj), LoRAConfig(r=2), "all-linear", exclude=()) == [
+        "q_proj",
+        "v_proj",
+        "lm_head",
+    ]
 
 
 def test_adapters_require_linear_layers():

@@ -43,7 +43,9 @@ def test_nf4_fold_is_unbiased_and_pending_update_is_applied_between_folds():
     update = template.pending_weight()
     x = torch.randn(3, 128)
     with torch.no_grad():
-        assert torch.allclose(template(x), x @ (before + update + template.delta_weight() - update).T + dense.bias, atol=1e-5)
+        assert torch.allclose(
+            template(x), x @ (before + update + template.delta_weight() - update).T + dense.bias, atol=1e-5
+        )
     folded = []
     for seed in range(300):
         layer = copy.deepcopy(template)

@@ -35,8 +35,11 @@ def _perturb(model: torch.nn.Module) -> None:
                 p.data.add_(torch.randn_like(p) * 0.05)
 
 
-@pytest.mark.parametrize("config", [LoRAConfig(r=4), DoRAConfig(r=4), VeRAConfig(r=8), LoRAFAConfig(r=4), AdaLoRAConfig(r=4)],
-                         ids=lambda c: c.method)  # fmt: skip
+@pytest.mark.parametrize(
+    "config",
+    [LoRAConfig(r=4), DoRAConfig(r=4), VeRAConfig(r=8), LoRAFAConfig(r=4), AdaLoRAConfig(r=4)],
+    ids=lambda c: c.method,
+)
 def test_save_load_round_trip_on_nf4_base(two_proj, tmp_path, config):
     base = copy.deepcopy(two_proj)
     quantize_linears(base, skip=("lm_head",))
@@ -52,8 +55,11 @@ def test_save_load_round_trip_on_nf4_base(two_proj, tmp_path, config):
         assert torch.equal(restored(x), trained(x))
 
 
-@pytest.mark.parametrize("config", [LoRAConfig(r=4, alpha=8), DoRAConfig(r=4, alpha=8), AdaLoRAConfig(r=4, alpha=8),
-                                    VeRAConfig(r=8, seed=3)], ids=lambda c: c.method)  # fmt: skip
+@pytest.mark.parametrize(
+    "config",
+    [LoRAConfig(r=4, alpha=8), DoRAConfig(r=4, alpha=8), AdaLoRAConfig(r=4, alpha=8), VeRAConfig(r=8, seed=3)],
+    ids=lambda c: c.method,
+)
 def test_exports_to_peft_and_peft_reproduces_our_outputs(two_proj, tmp_path, config):
     ours = copy.deepcopy(two_proj)
     inject_adapters(ours, config, ["q_proj", "v_proj"])
@@ -72,8 +78,9 @@ def test_exports_to_peft_and_peft_reproduces_our_outputs(two_proj, tmp_path, con
 
 
 def test_peft_adapter_imports_into_ours(two_proj, tmp_path):
-    theirs = peft.get_peft_model(copy.deepcopy(two_proj), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
-                                                                          use_dora=True))  # fmt: skip
+    theirs = peft.get_peft_model(
+        copy.deepcopy(two_proj), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+    )
     with torch.no_grad():
         theirs.base_model.model.q_proj.lora_B["default"].weight.normal_(std=0.1)
     theirs.save_pretrained(tmp_path)
@@ -114,8 +121,9 @@ def test_damaged_adapter_files(two_proj, tmp_path):
 
 
 def test_peft_vera_imports_and_survives_our_save_load(two_proj, tmp_path):
-    theirs = peft.get_peft_model(copy.deepcopy(two_proj), peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"],
-                                                                          save_projection=True))  # fmt: skip
+    theirs = peft.get_peft_model(
+        copy.deepcopy(two_proj), peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"], save_projection=True)
+    )
     with torch.no_grad():
         for name in ("q_proj", "v_proj"):
             theirs.base_model.model.get_submodule(name).vera_lambda_b["default"].normal_()

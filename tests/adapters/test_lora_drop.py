@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_qlora.adapters import AdapterConfigError, LoRADropConfig, adapter_layers, apply_lora_drop, inject_adapters, trainable_parameter_count
+from lightning_qlora.adapters import (
+    AdapterConfigError,
+    LoRADropConfig,
+    adapter_layers,
+    apply_lora_drop,
+    inject_adapters,
+    trainable_parameter_count,
+)
 
 
 class Stack(nn.Module):

@@ -142,8 +142,9 @@ def test_training_step_draws_no_bernoulli_mask_and_saves_no_dropped_copy():
     # the profile of issue 20: aten::bernoulli_ was 15% of a step; the dropped copies of x were saved per adapter
     torch.manual_seed(7)
     x = torch.randn(4, 10, 64, requires_grad=True)
-    layers = [LoRAConfig(r=8, dropout=0.05).build(Linear4bit.from_linear(torch.nn.Linear(64, 64))).train()
-              for _ in range(3)]  # fmt: skip  (q, k, v read the same input)
+    layers = [
+        LoRAConfig(r=8, dropout=0.05).build(Linear4bit.from_linear(torch.nn.Linear(64, 64))).train() for _ in range(3)
+    ]  # q, k, v read the same input
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:

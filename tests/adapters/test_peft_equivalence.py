@@ -26,8 +26,13 @@ def _to_bnb_4bit(model: nn.Module, ours: nn.Module) -> nn.Module:
     for name in TARGETS:
         layer: Linear4bit = ours.get_submodule(name)
         state = layer.state_dict()
-        replacement = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                                        compute_dtype=torch.float32, quant_type="nf4")  # fmt: skip
+        replacement = bnb.nn.Linear4bit(
+            layer.in_features,
+            layer.out_features,
+            bias=layer.bias is not None,
+            compute_dtype=torch.float32,
+            quant_type="nf4",
+        )
         stats = {k: v for k, v in state.items() if k.startswith("weight.")}
         replacement.weight = bnb.nn.Params4bit.from_prequantized(state["weight"], stats, device="cpu")
         if layer.bias is not None:
@@ -52,7 +57,12 @@ def _peft_config(method: str):
     return peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=method == "dora")
 
 
-OUR_CONFIGS = {"adalora": AdaLoRAConfig(r=4, alpha=8), "lora": LoRAConfig(r=4, alpha=8), "dora": DoRAConfig(r=4, alpha=8), "vera": VeRAConfig(r=8)}
+OUR_CONFIGS = {
+    "adalora": AdaLoRAConfig(r=4, alpha=8),
+    "lora": LoRAConfig(r=4, alpha=8),
+    "dora": DoRAConfig(r=4, alpha=8),
+    "vera": VeRAConfig(r=8),
+}
 
 
 def _randomize_and_copy(peft_model: nn.Module, ours: nn.Module, method: str) -> None:
@@ -78,7 +88,9 @@ def _randomize_and_copy(peft_model: nn.Module, ours: nn.Module, method: str) -> 
             layer.lora_A.copy_(theirs.lora_A["default"].weight)
             layer.lora_B.copy_(theirs.lora_B["default"].weight)
             if method == "dora":
-                theirs.lora_magnitude_vector["default"].weight.mul_(torch.rand_like(theirs.lora_magnitude_vector["default"].weight) + 0.5)
+                theirs.lora_magnitude_vector["default"].weight.mul_(
+                    torch.rand_like(theirs.lora_magnitude_vector["default"].weight) + 0.5
+                )
                 layer.lora_magnitude.copy_(theirs.lora_magnitude_vector["default"].weight)
 
 

@@ -30,17 +30,31 @@ from lightning_qlora.quantization.convert import quantize_linears
 
 transformers = pytest.importorskip("transformers")
 
-CONFIGS = [LoRAConfig(r=8, alpha=16), LoRAPlusConfig(r=8, alpha=16, lr_ratio=4), LoRAFAConfig(r=8, alpha=16),
-           DoRAConfig(r=8, alpha=16), VeRAConfig(r=32, d_initial=0.5), AdaLoRAConfig(r=8, alpha=16),
-           DeltaLoRAConfig(r=8, alpha=16, delta_scale=1.0, fold_every=10),
-           MixtureLoRAConfig(r=4, alpha=8, num_experts=3, top_k=2), LoRADropConfig(r=8, alpha=16)]  # fmt: skip
+CONFIGS = [
+    LoRAConfig(r=8, alpha=16),
+    LoRAPlusConfig(r=8, alpha=16, lr_ratio=4),
+    LoRAFAConfig(r=8, alpha=16),
+    DoRAConfig(r=8, alpha=16),
+    VeRAConfig(r=32, d_initial=0.5),
+    AdaLoRAConfig(r=8, alpha=16),
+    DeltaLoRAConfig(r=8, alpha=16, delta_scale=1.0, fold_every=10),
+    MixtureLoRAConfig(r=4, alpha=8, num_experts=3, top_k=2),
+    LoRADropConfig(r=8, alpha=16),
+]
 
 
 @pytest.fixture(scope="module")
 def tiny_llama():
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = transformers.LlamaForCausalLM(config).eval()
     quantize_linears(model, "nf4", 64, double_quant=True, skip=("lm_head",))
     return model

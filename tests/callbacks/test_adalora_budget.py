@@ -39,20 +39,25 @@ def test_schedule_hand_computed_points():
     assert budget_schedule(40, 100, 20, 10, 10, 50) == 20
 
 
-def _fit(max_steps: int = 30, ckpt_path: str | None = None, mask_interval: int = 3,
-         **trainer_kwargs) -> tuple[TinyLlamaQLoRA, AdaLoRABudget]:  # fmt: skip
+def _fit(
+    max_steps: int = 30, ckpt_path: str | None = None, mask_interval: int = 3, **trainer_kwargs
+) -> tuple[TinyLlamaQLoRA, AdaLoRABudget]:
     module = TinyLlamaQLoRA()
-    budget = AdaLoRABudget(target_rank=2, init_warmup=5, final_warmup=5, mask_interval=mask_interval, total_steps=30,
-                           plot=False)  # fmt: skip
+    budget = AdaLoRABudget(
+        target_rank=2, init_warmup=5, final_warmup=5, mask_interval=mask_interval, total_steps=30, plot=False
+    )
     L.seed_everything(0)
     plugin = NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=AdaLoRAConfig(r=6, alpha=12))
     callbacks = [budget, *trainer_kwargs.pop("callbacks", [])]
-    trainer(max_steps=max_steps, plugins=[plugin], callbacks=callbacks, **trainer_kwargs).fit(module, ckpt_path=ckpt_path)
+    trainer(max_steps=max_steps, plugins=[plugin], callbacks=callbacks, **trainer_kwargs).fit(
+        module, ckpt_path=ckpt_path
+    )
     return module, budget
 
 
-@pytest.mark.parametrize(("mask_interval", "expected_steps"), [(3, [6, 9, 12, 15, 18, 21, 24, 25]),
-                                                               (4, [8, 12, 16, 20, 24, 25])])  # fmt: skip
+@pytest.mark.parametrize(
+    ("mask_interval", "expected_steps"), [(3, [6, 9, 12, 15, 18, 21, 24, 25]), (4, [8, 12, 16, 20, 24, 25])]
+)
 def test_budget_is_met_after_every_masking_step_and_ranks_differ(tmp_path, mask_interval, expected_steps):
     module, budget = _fit(default_root_dir=tmp_path, mask_interval=mask_interval)
     layers = {n: l for n, l in adapter_layers(module).items() if isinstance(l, AdaLoRALayer)}
@@ -124,10 +129,17 @@ def test_misconfiguration_fails_at_construction_or_fit_start():
         AdaLoRABudget(target_rank=4, beta1=1.5)
     cases = [
         (AdaLoRAConfig(r=4), AdaLoRABudget(target_rank=8, total_steps=10), "target budget 112 must be in \\[1, 56\\]"),
-        (AdaLoRAConfig(r=4), AdaLoRABudget(target_rank=2, init_warmup=5, final_warmup=5, total_steps=10),
-         "init_warmup \\+ final_warmup = 5 \\+ 5 must be below total_steps=10"),
-        (LoRAConfig(r=4), AdaLoRABudget(target_rank=2, total_steps=10), "needs AdaLoRA adapters, the model has \\['lora'\\]"),
-    ]  # fmt: skip
+        (
+            AdaLoRAConfig(r=4),
+            AdaLoRABudget(target_rank=2, init_warmup=5, final_warmup=5, total_steps=10),
+            "init_warmup \\+ final_warmup = 5 \\+ 5 must be below total_steps=10",
+        ),
+        (
+            LoRAConfig(r=4),
+            AdaLoRABudget(target_rank=2, total_steps=10),
+            "needs AdaLoRA adapters, the model has \\['lora'\\]",
+        ),
+    ]
     for adapter, callback, message in cases:
         module = TinyLlamaQLoRA()
         plugin = NF4Precision(mode="nf4", compute_dtype="fp32", adapter=adapter)

@@ -27,7 +27,9 @@ class Branches(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outs = {name: layer(x * SCALES[name]) for name, layer in self.branches.items()}
-        return sum(v for k, v in outs.items() if k.startswith("a")), sum(v for k, v in outs.items() if k.startswith("b"))
+        return sum(v for k, v in outs.items() if k.startswith("a")), sum(
+            v for k, v in outs.items() if k.startswith("b")
+        )
 
 
 class BranchModule(L.LightningModule):
@@ -62,7 +64,9 @@ def _plugin(r: int = 2) -> NF4Precision:
 def _fit(max_steps: int = 40, ckpt_path: str | None = None, callbacks=(), **kwargs) -> tuple[BranchModule, LoRADrop]:
     module, drop = BranchModule(), LoRADrop(stage1_steps=16, threshold=0.9, plot=False)
     L.seed_everything(0)
-    trainer(max_steps=max_steps, plugins=[_plugin()], callbacks=[drop, *callbacks], **kwargs).fit(module, ckpt_path=ckpt_path)
+    trainer(max_steps=max_steps, plugins=[_plugin()], callbacks=[drop, *callbacks], **kwargs).fit(
+        module, ckpt_path=ckpt_path
+    )
     return module, drop
 
 
@@ -136,9 +140,12 @@ def test_misconfiguration_is_reported_before_training():
     cases = [
         (LoRADrop(stage1_steps=4, top_n=7), _plugin(), "top_n=7 exceeds the 6"),
         (LoRADrop(stage1_steps=10), _plugin(), "stage1_steps=10 leaves no stage 2 within max_steps=10"),
-        (LoRADrop(stage1_steps=4), NF4Precision(mode="nf4", compute_dtype="fp32", adapter=AdaLoRAConfig(r=2),
-                                               skip_modules=()), "needs LoRA-drop adapters, the model has \\['adalora'\\]"),
-    ]  # fmt: skip
+        (
+            LoRADrop(stage1_steps=4),
+            NF4Precision(mode="nf4", compute_dtype="fp32", adapter=AdaLoRAConfig(r=2), skip_modules=()),
+            "needs LoRA-drop adapters, the model has \\['adalora'\\]",
+        ),
+    ]
     for callback, plugin, message in cases:
         module = BranchModule()
         with pytest.raises(CallbackConfigError, match=message):

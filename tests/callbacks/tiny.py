@@ -14,8 +14,14 @@ class TinyLlamaQLoRA(QLoRAModule):
         import transformers
 
         torch.manual_seed(0)
-        config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+        config = transformers.LlamaConfig(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
         super().__init__(transformers.LlamaForCausalLM(config), lr=lr)
         self.losses: list[float] = []
 
@@ -26,7 +32,9 @@ class TinyLlamaQLoRA(QLoRAModule):
 
     def train_dataloader(self):
         ids = torch.randint(0, 96, (16, 24), generator=torch.Generator().manual_seed(0))
-        return DataLoader(TensorDataset(ids), batch_size=4, collate_fn=lambda rows: {"input_ids": torch.stack([r[0] for r in rows])})
+        return DataLoader(
+            TensorDataset(ids), batch_size=4, collate_fn=lambda rows: {"input_ids": torch.stack([r[0] for r in rows])}
+        )
 
 
 def trainer(**kwargs) -> L.Trainer:

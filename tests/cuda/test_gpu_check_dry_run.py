@@ -28,19 +28,28 @@ def _gpu_machine_env() -> dict[str, str]:
 
 
 def test_the_blocker_really_hides_the_missing_packages():
-    probe = ("import importlib.util, importlib.metadata as m\n"
-             "assert importlib.util.find_spec('bitsandbytes') is None\n"
-             "try:\n    m.version('hydra-core')\nexcept m.PackageNotFoundError:\n    print('hidden')\n"
-             "import lightning_qlora.ops, torch; print(torch.__version__)")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", probe], env=_gpu_machine_env(), capture_output=True, text=True,
-                         check=True, timeout=300).stdout  # fmt: skip
+    probe = (
+        "import importlib.util, importlib.metadata as m\n"
+        "assert importlib.util.find_spec('bitsandbytes') is None\n"
+        "try:\n    m.version('hydra-core')\nexcept m.PackageNotFoundError:\n    print('hidden')\n"
+        "import lightning_qlora.ops, torch; print(torch.__version__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=_gpu_machine_env(), capture_output=True, text=True, check=True, timeout=300
+    ).stdout
     assert out.splitlines()[0] == "hidden"
 
 
 @pytest.mark.slow
 def test_dry_run_collects_and_skips_every_cuda_test_without_the_missing_packages(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "lightning_qlora.bench", "gpu", str(tmp_path), "--dry-run"],
-                            env=_gpu_machine_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_qlora.bench", "gpu", str(tmp_path), "--dry-run"],
+        env=_gpu_machine_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     log = (tmp_path / "gpu-check.log").read_text()
     assert result.returncode == 0 and summary["ok"], log[-6000:]
@@ -73,10 +82,15 @@ def test_parse_junit_counts_outcomes_and_keeps_failure_messages(tmp_path):
         '<testcase classname="tests.cuda.test_b" name="test_skip" time="0">'
         '<skipped message="needs a CUDA device"/></testcase>'
         "</testsuite></testsuites>"
-    )  # fmt: skip
+    )
     result = parse_junit(report)
     assert {k: result[k] for k in ("collected", "passed", "failed", "errors", "skipped")} == {
-        "collected": 4, "passed": 1, "failed": 1, "errors": 1, "skipped": 1}  # fmt: skip
+        "collected": 4,
+        "passed": 1,
+        "failed": 1,
+        "errors": 1,
+        "skipped": 1,
+    }
     failure = {"test": "tests.cuda.test_a::test_bad", "kind": "failure", "message": "assert 1 == 2"}
     assert result["failures"][0] == failure
     assert result["skip_reasons"] == {"needs a CUDA device": 1}

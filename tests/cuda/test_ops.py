@@ -34,8 +34,9 @@ def test_linear_4bit_and_input_grad_on_cuda_within_the_readme_bound(shape, batch
     g = torch.randn(*batch, shape[0], generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     grad = op("linear_4bit_input_grad")(g.cuda(), *to_device(weight))
     assert grad.is_cuda
-    _assert_within_roundoff(grad.cpu(), reference.linear_4bit_input_grad(g, *weight), g.float().abs() @ w.abs(),
-                            shape[0])  # fmt: skip
+    _assert_within_roundoff(
+        grad.cpu(), reference.linear_4bit_input_grad(g, *weight), g.float().abs() @ w.abs(), shape[0]
+    )
 
 
 @pytest.mark.parametrize("rows", [1, 8, 9, 512])  # fused GEMV up to 8 rows, dequantize + cuBLAS beyond

@@ -32,10 +32,17 @@ def _restore_determinism():
 
 def _fit(module: L.LightningModule, max_steps: int, ckpt_path: str | None = None, **kwargs) -> L.Trainer:
     L.seed_everything(0)
-    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, deterministic="warn",
-                        plugins=[NF4Precision(mode="nf4-dq", adapter=LoRAConfig(r=8, alpha=16))],
-                        **{"enable_checkpointing": False, **kwargs})  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic="warn",
+        plugins=[NF4Precision(mode="nf4-dq", adapter=LoRAConfig(r=8, alpha=16))],
+        **{"enable_checkpointing": False, **kwargs},
+    )
     with sdpa_kernel(SDPBackend.MATH):
         trainer.fit(module, ckpt_path=ckpt_path)
     return trainer

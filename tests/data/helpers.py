@@ -28,18 +28,30 @@ def make_char_tokenizer(chat_template: str | None = CHATML):
     backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.decoder = tokenizers.decoders.Fuse()
     tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<unk>",
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<unk>",
         additional_special_tokens=["<|im_start|>"],
-    )  # fmt: skip
+    )
     tokenizer.chat_template = chat_template
     return tokenizer
 
 
 def make_tiny_llama(vocab_size: int, seed: int = 0):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                      eos_token_id=1, pad_token_id=1, bos_token_id=None)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=1,
+        pad_token_id=1,
+        bos_token_id=None,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 

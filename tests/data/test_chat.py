@@ -38,11 +38,15 @@ def test_labels_cover_exactly_the_answer_and_its_end_of_turn(char_tokenizer):
 
 def test_system_and_multi_turn_prompts_are_masked(char_tokenizer):
     tok = char_tokenizer
-    example = InstructionExample((
-        {"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-        {"role": "assistant", "content": "x"}, {"role": "user", "content": "v"},
-        {"role": "assistant", "content": "yz"},
-    ))  # fmt: skip
+    example = InstructionExample(
+        (
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "x"},
+            {"role": "user", "content": "v"},
+            {"role": "assistant", "content": "yz"},
+        )
+    )
     ids = encode_example(tok, example)
     supervised = [t for t, label in zip(ids["input_ids"], ids["labels"]) if label != IGNORE_INDEX]
     assert supervised == [*chars(tok, "yz"), END, *chars(tok, "\n")]  # only the last answer is trained

@@ -49,8 +49,9 @@ def test_shuffle_is_seeded(char_tokenizer, data_files):
 
 
 def test_eval_loaders_keep_file_order(char_tokenizer, data_files):
-    data = InstructionDataModule(char_tokenizer, val_path=data_files["val"], test_path=data_files["test"],
-                                 batch_size=2, eval_batch_size=5)  # fmt: skip
+    data = InstructionDataModule(
+        char_tokenizer, val_path=data_files["val"], test_path=data_files["test"], batch_size=2, eval_batch_size=5
+    )
     data.setup("test")
     assert [e.reference for e in data.examples["test"]] == [f"a{i}" for i in range(10)]
     assert [b["input_ids"].shape[0] for b in data.test_dataloader()] == [5, 5]
@@ -85,12 +86,19 @@ def test_examples_truncated_to_no_answer_are_dropped_with_a_warning(char_tokeniz
 
 def test_qlora_module_trains_on_the_batches(char_tokenizer, data_files):
     model = make_tiny_llama(len(char_tokenizer))
-    data = InstructionDataModule(char_tokenizer, train_path=data_files["train"], val_path=data_files["val"],
-                                 batch_size=4)  # fmt: skip
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32",
-                                              adapter=LoRAConfig(r=4))])  # fmt: skip
+    data = InstructionDataModule(
+        char_tokenizer, train_path=data_files["train"], val_path=data_files["val"], batch_size=4
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=LoRAConfig(r=4))],
+    )
     trainer.fit(QLoRAModule(model, lr=1e-2), datamodule=data)
     assert trainer.global_step == 3
     metrics = trainer.callback_metrics

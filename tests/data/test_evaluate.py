@@ -46,8 +46,10 @@ def test_batched_left_padded_generation_equals_one_by_one(char_tokenizer):
     model = make_tiny_llama(len(char_tokenizer), seed=3)
     examples = [InstructionExample.from_prompt(p, "?") for p in PROMPTS]
     batched = generate_answers(model, char_tokenizer, examples, batch_size=5, max_new_tokens=6, show_progress=False)
-    single = [generate_answers(model, char_tokenizer, [e], batch_size=1, max_new_tokens=6, show_progress=False)[0]
-              for e in examples]  # fmt: skip
+    single = [
+        generate_answers(model, char_tokenizer, [e], batch_size=1, max_new_tokens=6, show_progress=False)[0]
+        for e in examples
+    ]
     assert batched == single
     assert all(isinstance(a, str) and len(a) <= 6 for a in batched)
 

@@ -17,12 +17,15 @@ from .helpers import write_jsonl
 
 
 def test_prompt_response_and_chat_records(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        '{"prompt": "p1", "response": "r1"}',
-        "",
-        '{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},'
-        ' {"role": "assistant", "content": "a"}]}',
-    ])  # fmt: skip
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            '{"prompt": "p1", "response": "r1"}',
+            "",
+            '{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},'
+            ' {"role": "assistant", "content": "a"}]}',
+        ],
+    )
     first, second = read_instruction_jsonl(path)
     assert first.messages == ({"role": "user", "content": "p1"}, {"role": "assistant", "content": "r1"})
     assert first.prompt_messages == [{"role": "user", "content": "p1"}] and first.reference == "r1"
@@ -64,11 +67,14 @@ def test_malformed_line_names_file_and_line_number(tmp_path, line, message):
 
 
 def test_system_prompt_is_added_only_where_missing(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        '{"prompt": "p", "response": "r"}',
-        '{"messages": [{"role": "system", "content": "own"}, {"role": "user", "content": "u"},'
-        ' {"role": "assistant", "content": "a"}]}',
-    ])  # fmt: skip
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            '{"prompt": "p", "response": "r"}',
+            '{"messages": [{"role": "system", "content": "own"}, {"role": "user", "content": "u"},'
+            ' {"role": "assistant", "content": "a"}]}',
+        ],
+    )
     plain, chat = read_instruction_jsonl(path, system_prompt="")
     assert plain.messages[0] == {"role": "system", "content": ""} and len(plain.messages) == 3
     assert chat.messages[0] == {"role": "system", "content": "own"} and len(chat.messages) == 3

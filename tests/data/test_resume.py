@@ -31,11 +31,18 @@ def _train(tokenizer, paths, run_dir, max_steps: int, ckpt_path: str | None, dro
     callbacks = [ModelCheckpoint(dirpath=run_dir, save_last=True, save_top_k=0, every_n_train_steps=1)]
     if dropout:  # the adapters' dropout draws from the global RNG: its state must travel in the checkpoint
         callbacks.append(RandomStateCheckpoint())
-    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, callbacks=callbacks,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        val_check_interval=3, limit_val_batches=1,
-                        plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32",
-                                              adapter=LoRAConfig(r=4, dropout=dropout))])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        val_check_interval=3,
+        limit_val_batches=1,
+        plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=LoRAConfig(r=4, dropout=dropout))],
+    )
     module = QLoRAModule(model, lr=1e-2, adapters_only_checkpoints=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

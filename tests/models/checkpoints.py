@@ -22,8 +22,16 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any) -> Any:
     """A 64-wide, 2-layer config of ``family`` (Qwen2 and Gemma 2 tie their embeddings, as the real ones)."""
     import transformers
 
-    common = dict(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **overrides)  # fmt: skip
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **overrides,
+    )
     configs = {
         "llama": lambda: transformers.LlamaConfig(**common, tie_word_embeddings=False),
         "qwen2": lambda: transformers.Qwen2Config(**common, tie_word_embeddings=True),
@@ -51,8 +59,13 @@ def write_tiny_checkpoint(family: str, directory: Path, seed: int = 0, max_shard
     import transformers
 
     tokenizer = tiny_tokenizer()
-    config = tiny_config(family, len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)  # fmt: skip
+    config = tiny_config(
+        family,
+        len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     randomize_(model, seed)

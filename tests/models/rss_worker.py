@@ -46,8 +46,16 @@ def main(directory: str) -> None:
         pass
     baseline = _status_kb("VmRSS")
     model, _ = load_causal_lm(directory, mode="nf4-dq", compute_dtype="fp32", progress=False)
-    print(json.dumps({"baseline_kb": baseline, "peak_kb": _status_kb("VmHWM"), "final_kb": _status_kb("VmRSS"),
-                      "model_bytes": model_bytes(model)}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "baseline_kb": baseline,
+                "peak_kb": _status_kb("VmHWM"),
+                "final_kb": _status_kb("VmRSS"),
+                "model_bytes": model_bytes(model),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

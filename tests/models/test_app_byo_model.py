@@ -14,9 +14,17 @@ from lightning_qlora.quantization import Linear4bit
 from lightning_qlora.train import CONFIG_DIR, run
 
 # seconds-long: a few steps, 8 test examples, the tiny tokenizer spends one token per character
-FAST = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-        "callbacks.model_checkpoint.every_n_train_steps=2", "evaluate.limit=8", "evaluate.batch_size=8",
-        "data.batch_size=4", "data.max_length=256", "logger=csv"]  # fmt: skip
+FAST = [
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+    "evaluate.limit=8",
+    "evaluate.batch_size=8",
+    "data.batch_size=4",
+    "data.max_length=256",
+    "logger=csv",
+]
 
 
 def _compose(overrides: list[str], run_dir):
@@ -38,8 +46,18 @@ def test_model_hf_runs_end_to_end(tiny_checkpoints, tmp_path):
 
 
 def test_model_hf_with_quant_none_loads_the_float_model(tiny_checkpoints, tmp_path):
-    cfg = _compose(["model=hf", f"model.path={tiny_checkpoints['llama']}", "quant=none", *FAST,
-                    "evaluate.before=false", "evaluate.after=false", "save_adapter=false"], tmp_path)  # fmt: skip
+    cfg = _compose(
+        [
+            "model=hf",
+            f"model.path={tiny_checkpoints['llama']}",
+            "quant=none",
+            *FAST,
+            "evaluate.before=false",
+            "evaluate.after=false",
+            "save_adapter=false",
+        ],
+        tmp_path,
+    )
     assert run(cfg)["steps"] == 2
 
 
@@ -56,8 +74,10 @@ def test_model_gguf_loads_the_shipped_smollm2_file_into_4_bits():
     from lightning_qlora.models import smollm2_gguf_path
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["model=gguf", f"model.path={smollm2_gguf_path()}", "compute_dtype=fp32",
-                                          "run_dir=/tmp/unused"])  # fmt: skip
+        cfg = compose(
+            "train",
+            overrides=["model=gguf", f"model.path={smollm2_gguf_path()}", "compute_dtype=fp32", "run_dir=/tmp/unused"],
+        )
     model, tokenizer = instantiate(cfg.model)
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     assert type(model).__name__ == "LlamaForCausalLM" and len(layers) == 30 * 7

@@ -31,9 +31,17 @@ def _batches() -> DataLoader:
 
 def _trainer(max_steps: int, **kwargs) -> L.Trainer:
     plugin = NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=LoRAConfig(r=4, alpha=8))
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, plugins=[plugin], logger=False,
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                     **kwargs)  # fmt: skip
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        plugins=[plugin],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
 
 
 def _module(directory) -> QLoRAModule:
@@ -42,8 +50,12 @@ def _module(directory) -> QLoRAModule:
 
 
 def _adapter_tensors(module: QLoRAModule) -> dict[str, torch.Tensor]:
-    return {f"{name}.{k}": v for name, layer in adapter_layers(module.model).items()
-            for k, v in layer.state_dict().items() if not k.startswith("base.")}  # fmt: skip
+    return {
+        f"{name}.{k}": v
+        for name, layer in adapter_layers(module.model).items()
+        for k, v in layer.state_dict().items()
+        if not k.startswith("base.")
+    }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -73,5 +85,6 @@ def test_trains_resumes_and_exports_to_peft(family, tiny_checkpoints, tmp_path):
     tokens = torch.randint(4, 100, (2, 16), generator=torch.Generator().manual_seed(5))
     straight.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(theirs(input_ids=tokens).logits, straight.model(input_ids=tokens).logits,
-                                   rtol=0, atol=1e-4)  # fmt: skip
+        torch.testing.assert_close(
+            theirs(input_ids=tokens).logits, straight.model(input_ids=tokens).logits, rtol=0, atol=1e-4
+        )

@@ -22,6 +22,7 @@ from lightning_qlora.quantization import Linear4bit, Quantized4bitTensor
 from lightning_qlora.quantization.convert import quantize_linears
 from tests.models.checkpoints import FAMILIES
 
+
 def _tokens(seed: int = 0, shape: tuple[int, int] = (4, 32)) -> torch.Tensor:
     return torch.randint(4, 100, shape, generator=torch.Generator().manual_seed(seed))
 

@@ -133,9 +133,15 @@ def test_missing_tokenizer(llama_copy, no_skeleton):
         load_causal_lm(llama_copy)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"mode": "nf5"}, "mode='nf5'"), ({"blocksize": 48}, "blocksize=48"),
-                                                ({"compute_dtype": "fp8"}, "compute_dtype='fp8'"),
-                                                ({"skip_modules": "lm_head"}, "skip_modules")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mode": "nf5"}, "mode='nf5'"),
+        ({"blocksize": 48}, "blocksize=48"),
+        ({"compute_dtype": "fp8"}, "compute_dtype='fp8'"),
+        ({"skip_modules": "lm_head"}, "skip_modules"),
+    ],
+)
 def test_bad_arguments(kwargs, match, tmp_path, no_skeleton):
     with pytest.raises(LoaderConfigError, match=match) as caught:
         load_causal_lm(tmp_path, **kwargs)

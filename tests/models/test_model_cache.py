@@ -53,10 +53,16 @@ CHILD = textwrap.dedent(
 
 
 def _spawn(tmp_path: Path, cache: Path, **env: str) -> subprocess.Popen[str]:
-    full_env = {**os.environ, "CACHE": str(cache), "BUILDS": str(tmp_path / "builds.log"), "GO": str(tmp_path / "go"),
-                **env}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", CHILD], cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    full_env = {
+        **os.environ,
+        "CACHE": str(cache),
+        "BUILDS": str(tmp_path / "builds.log"),
+        "GO": str(tmp_path / "go"),
+        **env,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD], cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "READY"
     return proc
 
@@ -192,8 +198,12 @@ def test_real_smollm2_concurrent_first_loads_then_truncated_cache(tmp_path: Path
     """Three first loads of the real cache at once (this crashed), then a truncated real weights file."""
     cache = tmp_path / "smollm2"
     env = {**os.environ, "CACHE": str(cache), "GO": str(tmp_path / "go")}
-    procs = [subprocess.Popen([sys.executable, "-c", REAL_CHILD], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(3)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", REAL_CHILD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
     (tmp_path / "go").touch()
     outputs = [proc.communicate(timeout=HANG_GUARD_S) for proc in procs]
     for proc, (out, err) in zip(procs, outputs, strict=True):
@@ -206,7 +216,8 @@ def test_real_smollm2_concurrent_first_loads_then_truncated_cache(tmp_path: Path
     with weights.open("r+b") as handle:
         handle.truncate(weights.stat().st_size - 4096)
     assert "truncated" in cache_problem(cache)
-    proc = subprocess.run([sys.executable, "-c", REAL_CHILD], env=env, capture_output=True, text=True,
-                          timeout=HANG_GUARD_S, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", REAL_CHILD], env=env, capture_output=True, text=True, timeout=HANG_GUARD_S, check=False
+    )
     assert proc.returncode == 0 and proc.stdout.split() == ["OK", "30"], proc.stderr[-3000:]
     assert "rebuilding it" in proc.stderr and cache_problem(cache) is None

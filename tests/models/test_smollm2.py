@@ -32,9 +32,11 @@ def test_first_load_architecture_and_cached_reload_is_identical(cache):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True,
-        return_tensors="pt", return_dict=True,
-    )["input_ids"]  # fmt: skip
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     out = reloaded.generate(ids, max_new_tokens=8, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
 

@@ -26,16 +26,27 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_peak_rss_growth_of_a_300m_parameter_load_is_bounded(tmp_path):
-    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
-                                      num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=16,
-                                      tie_word_embeddings=False)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=20,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        tie_word_embeddings=False,
+    )
     write_synthetic_checkpoint(config, tmp_path, shard_bytes=560 << 20)
     tiny_tokenizer().save_pretrained(tmp_path)
     parameters = json.loads((tmp_path / "model.safetensors.index.json").read_text())["metadata"]["total_size"] // 2
     assert 300e6 < parameters < 340e6 and len(list(tmp_path.glob("model-*.safetensors"))) == 2
 
-    done = subprocess.run([sys.executable, "-m", "tests.models.rss_worker", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.models.rss_worker", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     growth = (report["peak_kb"] - report["baseline_kb"]) * 1024

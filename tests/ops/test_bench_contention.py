@@ -40,6 +40,11 @@ def test_the_benchmark_prints_idle_and_contended_tables_side_by_side(capsys):
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("operation"))
     assert all(column in header for column in ("idle 1t", "idle 2t", "busy1 1t", "busy1 2t", "busy/idle"))
-    for row in ("Linear4bit fwd batch 1", "plugin convert 1 Linear", "bnb matmul_4bit batch 1", "F.linear fp32 batch 1"):
+    for row in (
+        "Linear4bit fwd batch 1",
+        "plugin convert 1 Linear",
+        "bnb matmul_4bit batch 1",
+        "F.linear fp32 batch 1",
+    ):
         assert row in out
     assert "MKL dense batch 1" in out and "OpenMP wait policy" in out and "fused GEMV vs dequantize" in out

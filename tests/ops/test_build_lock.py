@@ -28,8 +28,13 @@ def _env(root: Path) -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs POSIX process groups")
 def test_import_after_a_killed_first_build_finishes(tmp_path: Path) -> None:
-    first = subprocess.Popen([sys.executable, "-c", FIRST_CALL], env=_env(tmp_path), start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    first = subprocess.Popen(
+        [sys.executable, "-c", FIRST_CALL],
+        env=_env(tmp_path),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + BUILD_GUARD_S
     batons: list[Path] = []
     while not batons and first.poll() is None and time.monotonic() < deadline:
@@ -39,8 +44,14 @@ def test_import_after_a_killed_first_build_finishes(tmp_path: Path) -> None:
     first.wait(timeout=60)
     assert batons and all(p.exists() for p in batons), "the first build did not reach torch's build lock"
 
-    second = subprocess.run([sys.executable, "-c", FIRST_CALL], env=_env(tmp_path), capture_output=True, text=True,
-                            timeout=BUILD_GUARD_S, check=False)  # fmt: skip
+    second = subprocess.run(
+        [sys.executable, "-c", FIRST_CALL],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=BUILD_GUARD_S,
+        check=False,
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.split()[-1] == "cpp", second.stderr[-3000:]  # it rebuilt, not just fell back
 
@@ -48,10 +59,15 @@ def test_import_after_a_killed_first_build_finishes(tmp_path: Path) -> None:
 def test_waiting_for_a_live_builder_says_so_and_times_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     lock = tmp_path / "x.lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom lightning_qlora.atomic import exclusive_lock\n"
-         f"with exclusive_lock({str(lock)!r}, 'building'):\n    print('HELD', flush=True); time.sleep(600)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom lightning_qlora.atomic import exclusive_lock\n"
+            f"with exclusive_lock({str(lock)!r}, 'building'):\n    print('HELD', flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "HELD"
         with pytest.raises(ResourceError, match=rf"held by pid {holder.pid}"):

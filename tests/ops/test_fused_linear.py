@@ -56,11 +56,16 @@ def test_linear_4bit_matches_dequantize_then_matmul(shape, batch, blocksize, dty
     weight = _quantized(shape, quant_type, blocksize, seed)
     x = torch.randn(*batch, shape[1], generator=torch.Generator().manual_seed(seed)).to(dtype)
     w = reference.dequantize_4bit(*weight, torch.float32)
-    _assert_within_roundoff(op("linear_4bit")(x, *weight), reference.linear_4bit(x, *weight),
-                            x.float().abs() @ w.abs().T, shape[1])  # fmt: skip
+    _assert_within_roundoff(
+        op("linear_4bit")(x, *weight), reference.linear_4bit(x, *weight), x.float().abs() @ w.abs().T, shape[1]
+    )
     g = torch.randn(*batch, shape[0], generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
-    _assert_within_roundoff(op("linear_4bit_input_grad")(g, *weight), reference.linear_4bit_input_grad(g, *weight),
-                            g.float().abs() @ w.abs(), shape[0])  # fmt: skip
+    _assert_within_roundoff(
+        op("linear_4bit_input_grad")(g, *weight),
+        reference.linear_4bit_input_grad(g, *weight),
+        g.float().abs() @ w.abs(),
+        shape[0],
+    )
 
 
 def test_compiled_kernels_are_in_use_when_built():
@@ -92,8 +97,11 @@ def test_compiled_model_with_fused_linear_matches_eager():
     from lightning_qlora.quantization import Linear4bit
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(Linear4bit.from_linear(torch.nn.Linear(256, 96)), torch.nn.ReLU(),  # inductor fuses GELU differently; ReLU keeps the check exact
-                                Linear4bit.from_linear(torch.nn.Linear(96, 40)))  # fmt: skip
+    model = torch.nn.Sequential(
+        Linear4bit.from_linear(torch.nn.Linear(256, 96)),
+        torch.nn.ReLU(),  # inductor fuses GELU differently; ReLU keeps the check exact
+        Linear4bit.from_linear(torch.nn.Linear(96, 40)),
+    )
     compiled = torch.compile(model, fullgraph=True)
     for batch in (1, 16):  # fused GEMV and the GEMM path
         x = torch.randn(batch, 256)

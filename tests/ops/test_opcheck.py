@@ -19,15 +19,24 @@ def _samples(name: str) -> list[tuple]:
     weight_odd, weight_64 = (packed, absmax, nf4, 64, [37, 21]), (packed64, absmax64, fp4, 32, [48, 64])
     return {
         "quantize_4bit": [(x32, nf4, 64, None), (x16, fp4, 32, None), (x32, nf4, 128, 7)],
-        "dequantize_4bit": [(packed, absmax, nf4, 64, [37, 21], torch.float32),
-                            (packed, absmax, nf4, 64, [777], torch.bfloat16)],
+        "dequantize_4bit": [
+            (packed, absmax, nf4, 64, [37, 21], torch.float32),
+            (packed, absmax, nf4, 64, [777], torch.bfloat16),
+        ],
         "quantize_blockwise_8bit": [(x32, dyn, 256, None), (x16, dyn, 64, 3)],
         "dequantize_blockwise_8bit": [(codes, absmax8, dyn, 256, torch.float16)],
-        "linear_4bit": [(torch.randn(3, 21), *weight_odd), (torch.randn(2, 5, 21, dtype=torch.bfloat16), *weight_odd),
-                        (torch.randn(1, 64), *weight_64), (torch.randn(12, 64), *weight_64)],
-        "linear_4bit_input_grad": [(torch.randn(3, 37), *weight_odd), (torch.randn(12, 48), *weight_64),
-                                   (torch.randn(2, 48, dtype=torch.float16), *weight_64)],
-    }[name]  # fmt: skip
+        "linear_4bit": [
+            (torch.randn(3, 21), *weight_odd),
+            (torch.randn(2, 5, 21, dtype=torch.bfloat16), *weight_odd),
+            (torch.randn(1, 64), *weight_64),
+            (torch.randn(12, 64), *weight_64),
+        ],
+        "linear_4bit_input_grad": [
+            (torch.randn(3, 37), *weight_odd),
+            (torch.randn(12, 48), *weight_64),
+            (torch.randn(2, 48, dtype=torch.float16), *weight_64),
+        ],
+    }[name]
 
 
 @pytest.mark.parametrize("name", OP_NAMES)

@@ -40,10 +40,15 @@ def _outputs(w: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
     code = get_codebook("nf4")
     packed, absmax = op("quantize_4bit")(w, code, 64)
     shape = list(w.shape)
-    return [packed, absmax, op("dequantize_4bit")(packed, absmax, code, 64, shape, torch.bfloat16),
-            op("linear_4bit")(x, packed, absmax, code, 64, shape),
-            op("linear_4bit_input_grad")(torch.randn(3, shape[0], generator=torch.Generator().manual_seed(1)),
-                                         packed, absmax, code, 64, shape)]  # fmt: skip
+    return [
+        packed,
+        absmax,
+        op("dequantize_4bit")(packed, absmax, code, 64, shape, torch.bfloat16),
+        op("linear_4bit")(x, packed, absmax, code, 64, shape),
+        op("linear_4bit_input_grad")(
+            torch.randn(3, shape[0], generator=torch.Generator().manual_seed(1)), packed, absmax, code, 64, shape
+        ),
+    ]
 
 
 def test_every_thread_count_gives_the_same_bits_as_the_reference(extension, restore_threads):
@@ -127,8 +132,9 @@ def test_the_compiled_8bit_pair_is_bit_exact_with_the_reference(extension, dtype
 
 def _policy(code: str, env: dict[str, str]) -> str:
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    done = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
-                          timeout=300, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, timeout=300, check=True
+    )
     return done.stdout.strip()
 
 

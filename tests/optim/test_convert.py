@@ -25,14 +25,20 @@ def _model() -> torch.nn.Module:
 
 
 def test_unsupported_optimizer_lists_the_supported_ones():
-    with pytest.raises(UnsupportedOptimizerError, match=r"torch\.optim\.sgd\.SGD.*Supported optimizers: torch\.optim\.AdamW.*bitsandbytes"):
+    with pytest.raises(
+        UnsupportedOptimizerError,
+        match=r"torch\.optim\.sgd\.SGD.*Supported optimizers: torch\.optim\.AdamW.*bitsandbytes",
+    ):
         to_paged_optimizer(torch.optim.SGD(_model().parameters(), lr=0.1))
 
 
-@pytest.mark.parametrize("make, why", [
-    (lambda ps: torch.optim.AdamW(ps, amsgrad=True), "amsgrad"),
-    (lambda ps: torch.optim.Adam(ps, weight_decay=0.1), "L2 weight decay"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (lambda ps: torch.optim.AdamW(ps, amsgrad=True), "amsgrad"),
+        (lambda ps: torch.optim.Adam(ps, weight_decay=0.1), "L2 weight decay"),
+    ],
+)
 def test_unsupported_options_are_named(make, why):
     with pytest.raises(UnsupportedOptimizerError, match=why):
         to_paged_optimizer(make(_model().parameters()))
@@ -88,12 +94,15 @@ def test_bitsandbytes_implementation_refuses_cpu_instead_of_silently_not_paging(
         to_paged_optimizer(torch.optim.AdamW(_model().parameters()), PagingConfig(implementation="bitsandbytes"))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"store": "disk"}, "store='disk'"),
-    ({"optim_bits": 4}, "optim_bits=4"),
-    ({"implementation": "apex"}, "implementation='apex'"),
-    ({"budget_bytes": 0}, "budget_bytes=0"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"store": "disk"}, "store='disk'"),
+        ({"optim_bits": 4}, "optim_bits=4"),
+        ({"implementation": "apex"}, "implementation='apex'"),
+        ({"budget_bytes": 0}, "budget_bytes=0"),
+    ],
+)
 def test_paging_config_validates(kwargs, match):
     with pytest.raises(PagedOptimizerError, match=match):
         PagingConfig(**kwargs)

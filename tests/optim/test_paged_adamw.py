@@ -115,7 +115,9 @@ def test_lightning_optimizer_state_move_leaves_pages_alone(tmp_path):
     for param in params:
         assert optimizer.state[param]["paged"] is handles[param]
         assert isinstance(optimizer.state[param]["paged"], PagedState)
-        assert not any(isinstance(value, torch.Tensor) and value.numel() > 1 for value in optimizer.state[param].values())
+        assert not any(
+            isinstance(value, torch.Tensor) and value.numel() > 1 for value in optimizer.state[param].values()
+        )
     assert optimizer.store.resident_bytes == resident
 
 
@@ -158,7 +160,9 @@ def test_non_contiguous_parameter_is_rejected():
 def test_loading_a_foreign_state_dict_names_the_mismatch():
     params = _params()
     optimizer = PagedAdamW(params)
-    state = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3)}},
-             "param_groups": optimizer.state_dict()["param_groups"]}  # fmt: skip
+    state = {
+        "state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3)}},
+        "param_groups": optimizer.state_dict()["param_groups"],
+    }
     with pytest.raises(PagedOptimizerError, match="expects exp_avg"):
         optimizer.load_state_dict(state)

@@ -35,7 +35,9 @@ def test_state_maps_are_bitsandbytes_dynamic_maps():
 def test_matches_bitsandbytes_adamw8bit_over_100_steps(tmp_path, paged_store):
     bnb_params, paged_params, fp32_params = _params(), _params(), _params()
     oracle = bnb.optim.AdamW8bit(bnb_params, lr=1e-2, weight_decay=0.1)
-    store = {"store": MmapPageStore(tmp_path, budget_bytes=1 << 20), "page_elements": 4096} if paged_store == "mmap" else {}
+    store = (
+        {"store": MmapPageStore(tmp_path, budget_bytes=1 << 20), "page_elements": 4096} if paged_store == "mmap" else {}
+    )
     paged = PagedAdamW8bit(paged_params, lr=1e-2, weight_decay=0.1, **store)
     exact = torch.optim.AdamW(fp32_params, lr=1e-2, weight_decay=0.1)
     for optimizer, params in ((oracle, bnb_params), (paged, paged_params), (exact, fp32_params)):

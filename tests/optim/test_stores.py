@@ -116,7 +116,9 @@ def test_file_size_limit_is_hit_while_reserving_not_while_stepping(tmp_path):
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
     try:
         with pytest.raises(PageStoreSetupError, match="cannot reserve"):
-            PagedAdamW([torch.nn.Parameter(torch.zeros(1_000_000))], store=MmapPageStore(tmp_path, budget_bytes=1 << 20))
+            PagedAdamW(
+                [torch.nn.Parameter(torch.zeros(1_000_000))], store=MmapPageStore(tmp_path, budget_bytes=1 << 20)
+            )
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous_handler)

@@ -33,11 +33,24 @@ class LoggedQLoRA(QLoRAModule):
         return loss
 
 
-def main(devices: int, batch_per_device: int, out: str, strategy: str = "ddp", steps: str = "8", save_dir: str = "-",
-         resume: str = "-") -> None:  # fmt: skip
+def main(
+    devices: int,
+    batch_per_device: int,
+    out: str,
+    strategy: str = "ddp",
+    steps: str = "8",
+    save_dir: str = "-",
+    resume: str = "-",
+) -> None:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     module = LoggedQLoRA(transformers.LlamaForCausalLM(config), lr=1e-2)
     ids = torch.randint(0, 96, (16, 24), generator=torch.Generator().manual_seed(0))
     rows = [{"input_ids": row} for row in ids]
@@ -52,16 +65,28 @@ def main(devices: int, batch_per_device: int, out: str, strategy: str = "ddp", s
         strategy_object, precision = QLoRAFSDPStrategy(), FSDPNF4Precision(**plugin)
     else:
         strategy_object, precision = "ddp", NF4Precision(**plugin)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy_object, max_steps=int(steps),
-                        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=save_dir != "-", default_root_dir=str(Path(out).parent),
-                        callbacks=[ModelCheckpoint(dirpath=save_dir, every_n_train_steps=4, save_top_k=-1)] if save_dir != "-" else [],
-                        use_distributed_sampler=False,
-                        plugins=[precision])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy_object,
+        max_steps=int(steps),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=save_dir != "-",
+        default_root_dir=str(Path(out).parent),
+        callbacks=[ModelCheckpoint(dirpath=save_dir, every_n_train_steps=4, save_top_k=-1)] if save_dir != "-" else [],
+        use_distributed_sampler=False,
+        plugins=[precision],
+    )
     trainer.fit(module, train_dataloaders=data, ckpt_path=None if resume == "-" else resume)
     if strategy == "fsdp" and devices > 1:  # how much of the flat (float) parameter this rank holds
         flat = trainer.strategy.model._handle.flat_param
-        sizes = [flat.numel(), flat._unpadded_unsharded_size.numel(),
-                 sum(p.numel() for p in module.parameters() if isinstance(p, Quantized4bitTensor))]
+        sizes = [
+            flat.numel(),
+            flat._unpadded_unsharded_size.numel(),
+            sum(p.numel() for p in module.parameters() if isinstance(p, Quantized4bitTensor)),
+        ]
         with open(f"{out}.rank{trainer.global_rank}.sharding", "w") as handle:
             json.dump(sizes, handle)
     if trainer.global_rank == 0:

@@ -86,8 +86,9 @@ def shm_tmpdir(tmp_path: Path):
 
 def _kill_at(stop: str, io: str, checkpoint: Path, tmpdir: Path) -> None:
     env = {**os.environ, "CKPT": str(checkpoint), "STOP": stop, "IO": io, "TMPDIR": str(tmpdir)}
-    proc = subprocess.Popen([sys.executable, "-c", WRITER], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
     if line != "PAUSED":
@@ -130,7 +131,9 @@ def test_remote_paths_and_storage_options_keep_lightnings_behaviour(tmp_path: Pa
 def test_our_strategies_and_the_app_use_it_unless_the_user_chose_another(tmp_path: Path) -> None:
     trainer = L.Trainer(strategy="paged", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     assert type(trainer.strategy.checkpoint_io) is AtomicCheckpointIO
-    trainer = L.Trainer(strategy=PagedStrategy(), plugins=[AsyncCheckpointIO()], logger=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        strategy=PagedStrategy(), plugins=[AsyncCheckpointIO()], logger=False, default_root_dir=tmp_path
+    )
     assert type(trainer.strategy.checkpoint_io) is AsyncCheckpointIO
     assert type(trainer.strategy.checkpoint_io.checkpoint_io) is AtomicCheckpointIO
     stock = L.Trainer(logger=False, default_root_dir=tmp_path)  # what lightning_qlora.train does to any strategy

@@ -65,8 +65,9 @@ def test_measurement_runs_once_per_process_and_thread_count(monkeypatch):
         FabricNF4Precision(compute_dtype="auto")
     assert calls == [torch.float32, torch.bfloat16] * (compute_dtype_module.ROUNDS + 1)  # warm-up, then interleaved
     report = compute_dtype_module.measured_compute_dtypes()
-    assert report == {f"cpu/{torch.get_num_threads()} threads": {"fp32_s": 0.010, "bf16_s": 0.030,
-                                                                   "chosen": "torch.float32"}}  # fmt: skip
+    assert report == {
+        f"cpu/{torch.get_num_threads()} threads": {"fp32_s": 0.010, "bf16_s": 0.030, "chosen": "torch.float32"}
+    }
 
 
 def test_explicit_dtypes_and_cuda_are_not_measured(monkeypatch):
@@ -106,8 +107,16 @@ def test_a_resumed_auto_run_computes_in_the_dtype_its_checkpoint_was_trained_in(
 
     def fit(plugin: NF4Precision, max_steps: int, ckpt_path: str | None = None) -> None:
         checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=2)
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, plugins=[plugin], callbacks=[checkpoints])
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=max_steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            plugins=[plugin],
+            callbacks=[checkpoints],
+        )
         trainer.fit(UserModule(), ckpt_path=ckpt_path)
 
     _fake_timings(monkeypatch, fp32=0.010, bf16=0.004)

@@ -24,12 +24,28 @@ def _run_ranks(world: int, batch: int, out: Path, strategy: str = "ddp", *extra:
     port = _free_port()
     processes = []
     for rank in range(world):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", OMP_NUM_THREADS="1")  # fmt: skip
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            WORLD_SIZE=str(world),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(world),
+            GROUP_RANK="0",
+            OMP_NUM_THREADS="1",
+        )
         # torchelastic-style variables make Lightning use these processes instead of launching its own
         env["TORCHELASTIC_RUN_ID"] = "lightning-qlora-test"
-        processes.append(subprocess.Popen([sys.executable, str(WORKER), str(world), str(batch), str(out), strategy, *extra], env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), str(world), str(batch), str(out), strategy, *extra],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=600)[0] for p in processes]
     for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == 0, output[-3000:]
@@ -40,8 +56,12 @@ def _run_ranks(world: int, batch: int, out: Path, strategy: str = "ddp", *extra:
 def test_two_process_ddp_matches_single_process(tmp_path, strategy):
     _run_ranks(2, 2, tmp_path / "ddp.json", strategy)
     single = tmp_path / "single.json"
-    subprocess.run([sys.executable, str(WORKER), "1", "4", str(single)], check=True, capture_output=True,
-                   env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(WORKER), "1", "4", str(single)],
+        check=True,
+        capture_output=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     ddp_losses, single_losses = json.loads((tmp_path / "ddp.json").read_text()), json.loads(single.read_text())
     assert len(ddp_losses) == len(single_losses) == 8
     # Same global batches, gradients averaged over ranks: the curves agree up to the order of

@@ -94,7 +94,9 @@ def test_adapter_none_quantizes_and_freezes_only():
 
 def test_unknown_targets_leave_the_model_unchanged_and_name_the_real_layers():
     model, reference = _two_proj(), _two_proj()
-    with pytest.raises(AdapterConfigError, match=r"matched no Linear layer.*Linear layers in this model: q_proj, v_proj"):
+    with pytest.raises(
+        AdapterConfigError, match=r"matched no Linear layer.*Linear layers in this model: q_proj, v_proj"
+    ):
         NF4Precision(mode="nf4", target_modules=["nothing"]).convert_module(model)
     assert _same_model(model, reference)
     assert all(p.requires_grad for p in model.parameters())
@@ -130,9 +132,13 @@ class WithSmallHead(nn.Module):
 def test_rank_above_a_layers_size_is_accepted_like_peft():
     torch.manual_seed(0)
     ours = WithSmallHead()
-    theirs = peft.get_peft_model(copy.deepcopy(ours), peft.LoraConfig(r=16, lora_alpha=32, target_modules=["body", "head"]))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(ours), peft.LoraConfig(r=16, lora_alpha=32, target_modules=["body", "head"])
+    )
     with pytest.warns(UserWarning, match=r"r=16 exceeds min\(in, out\) of 2 layer\(s\) \(body, head\)"):
-        NF4Precision(mode="none", compute_dtype="fp32", adapter=LoRAConfig(r=16, alpha=32), skip_modules=()).convert_module(ours)
+        NF4Precision(
+            mode="none", compute_dtype="fp32", adapter=LoRAConfig(r=16, alpha=32), skip_modules=()
+        ).convert_module(ours)
     for name in ("body", "head"):  # same factors -> same outputs as PEFT with the same r
         layer = adapter_layers(ours)[name]
         peft_layer = theirs.base_model.model.get_submodule(name)
@@ -182,14 +188,21 @@ def adapters_only_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize(
     ("plugin_args", "message"),
     [
-        ({"adapter": LoRAConfig(r=4, alpha=16.0)}, r"adapter alpha: 8\.0 saved, 16\.0 here.*LoRAConfig\(.*alpha=8\.0.*adapter\.alpha=8\.0"),
-        ({"mode": "fp4", "adapter": LoRAConfig(r=4, alpha=8)}, r"mode: 'nf4-dq' saved, 'fp4' here.*mode='nf4-dq'.*quant=nf4_dq"),
+        (
+            {"adapter": LoRAConfig(r=4, alpha=16.0)},
+            r"adapter alpha: 8\.0 saved, 16\.0 here.*LoRAConfig\(.*alpha=8\.0.*adapter\.alpha=8\.0",
+        ),
+        (
+            {"mode": "fp4", "adapter": LoRAConfig(r=4, alpha=8)},
+            r"mode: 'nf4-dq' saved, 'fp4' here.*mode='nf4-dq'.*quant=nf4_dq",
+        ),
         ({"adapter": AdaLoRAConfig(r=4)}, r"adapter method: 'lora' saved, 'adalora' here.*adapter=lora"),
         ({"adapter": LoRAConfig(r=8, alpha=8)}, r"adapter r: 4 saved, 8 here.*adapter\.r=4"),
     ],
 )
-def test_resuming_an_adapters_only_checkpoint_with_other_settings_is_a_typed_error(adapters_only_checkpoint,
-                                                                                  plugin_args, message):  # fmt: skip
+def test_resuming_an_adapters_only_checkpoint_with_other_settings_is_a_typed_error(
+    adapters_only_checkpoint, plugin_args, message
+):
     from tests.callbacks.tiny import TinyLlamaQLoRA, trainer
 
     module = TinyLlamaQLoRA()
@@ -206,14 +219,26 @@ def test_resuming_a_full_checkpoint_with_another_alpha_is_refused(tmp_path):
     from tests.plugins.test_plain_module import UserModule
 
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=2)
-    L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_progress_bar=False,
-              enable_model_summary=False, callbacks=[checkpoints],
-              plugins=[NF4Precision(compute_dtype="fp32", adapter=LoRAConfig(r=4, alpha=8))]).fit(UserModule())  # fmt: skip
+    L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[checkpoints],
+        plugins=[NF4Precision(compute_dtype="fp32", adapter=LoRAConfig(r=4, alpha=8))],
+    ).fit(UserModule())
     with pytest.raises(CheckpointMismatchError, match=r"alpha: 8 saved, 4 here"):
-        L.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, enable_progress_bar=False,
-                  enable_model_summary=False,
-                  plugins=[NF4Precision(compute_dtype="fp32", adapter=LoRAConfig(r=4, alpha=4))]).fit(
-            UserModule(), ckpt_path=str(next(tmp_path.glob("*.ckpt"))))  # fmt: skip
+        L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=4,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            plugins=[NF4Precision(compute_dtype="fp32", adapter=LoRAConfig(r=4, alpha=4))],
+        ).fit(UserModule(), ckpt_path=str(next(tmp_path.glob("*.ckpt"))))
 
 
 # -- point 10: a pruned (rank_pattern) PEFT AdaLoRA adapter --------------------------------------------
@@ -221,8 +246,9 @@ def test_resuming_a_full_checkpoint_with_another_alpha_is_refused(tmp_path):
 
 def test_pruned_peft_adalora_adapter_imports_with_peft_logits(tmp_path):
     model = _two_proj()
-    config = peft.AdaLoraConfig(init_r=6, target_r=2, lora_alpha=12, target_modules=["q_proj", "v_proj"], total_step=10,
-                                tinit=1, tfinal=1)  # fmt: skip
+    config = peft.AdaLoraConfig(
+        init_r=6, target_r=2, lora_alpha=12, target_modules=["q_proj", "v_proj"], total_step=10, tinit=1, tfinal=1
+    )
     trained = peft.get_peft_model(copy.deepcopy(model), config)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -248,8 +274,9 @@ def test_pruned_peft_adalora_adapter_imports_with_peft_logits(tmp_path):
 # -- capabilities are asked of the method, and agree between the in-memory layer and the saved state ----
 
 
-@pytest.mark.parametrize("method", ["lora", "lora_plus", "lora_fa", "lora_drop", "dora", "vera", "adalora",
-                                    "delta_lora", "moe_lora"])  # fmt: skip
+@pytest.mark.parametrize(
+    "method", ["lora", "lora_plus", "lora_fa", "lora_drop", "dora", "vera", "adalora", "delta_lora", "moe_lora"]
+)
 def test_serving_factors_agree_between_layer_and_saved_state(method):
     from lightning_qlora.adapters import ADAPTER_CONFIGS
     from lightning_qlora.adapters.io import adapter_state_dict

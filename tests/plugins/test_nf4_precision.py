@@ -19,8 +19,14 @@ class TinyLlamaModule(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+        config = transformers.LlamaConfig(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
         self.model = transformers.LlamaForCausalLM(config)
         self.losses: list[float] = []
 
@@ -43,8 +49,9 @@ class TinyLlamaModule(L.LightningModule):
 
 def _trainer(**kwargs) -> L.Trainer:
     kwargs = {"max_steps": 30, "enable_checkpointing": False, **kwargs}
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                     **kwargs)  # fmt: skip
+    return L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False, **kwargs
+    )
 
 
 def test_stock_trainer_fine_tunes_a_tiny_llama_with_nf4_dq():
@@ -55,8 +62,10 @@ def test_stock_trainer_fine_tunes_a_tiny_llama_with_nf4_dq():
         def on_train_start(self, trainer, pl_module):
             snapshot.update({k: v.clone() for k, v in pl_module.state_dict().items()})
 
-    trainer = _trainer(plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=LoRAConfig(r=8, alpha=16))],
-                       callbacks=[Snapshot()])  # fmt: skip
+    trainer = _trainer(
+        plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=LoRAConfig(r=8, alpha=16))],
+        callbacks=[Snapshot()],
+    )
     trainer.fit(module)
 
     assert sum(module.losses[-5:]) < 0.9 * sum(module.losses[:5])  # measured: 4.59 -> 3.70
@@ -103,12 +112,21 @@ def test_resume_from_step_10_matches_the_uninterrupted_run(tmp_path):
     first = TinyLlamaModule()
     L.seed_everything(0)
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=10)
-    L.Trainer(accelerator="cpu", devices=1, max_steps=10, logger=False, enable_progress_bar=False,
-              enable_model_summary=False, callbacks=[checkpoints], plugins=[NF4Precision(**plugin)]).fit(first)  # fmt: skip
+    L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=10,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[checkpoints],
+        plugins=[NF4Precision(**plugin)],
+    ).fit(first)
     resumed = TinyLlamaModule()
     L.seed_everything(0)
-    _trainer(max_steps=20, plugins=[NF4Precision(**plugin)]).fit(resumed, ckpt_path=checkpoints.last_model_path or
-                                                                   str(next(tmp_path.glob("*.ckpt"))))  # fmt: skip
+    _trainer(max_steps=20, plugins=[NF4Precision(**plugin)]).fit(
+        resumed, ckpt_path=checkpoints.last_model_path or str(next(tmp_path.glob("*.ckpt")))
+    )
     expected, actual = _adapter_weights(full), _adapter_weights(resumed)
     assert expected.keys() == actual.keys() and len(expected) == 28
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
@@ -117,8 +135,11 @@ def test_resume_from_step_10_matches_the_uninterrupted_run(tmp_path):
 def test_fabric_plugin_converts_and_trains():
     from lightning_qlora.plugins import FabricNF4Precision
 
-    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=[FabricNF4Precision(mode="fp4", compute_dtype="fp32",
-                                                                                 adapter=LoRAConfig(r=4))])  # fmt: skip
+    fabric = L.Fabric(
+        accelerator="cpu",
+        devices=1,
+        plugins=[FabricNF4Precision(mode="fp4", compute_dtype="fp32", adapter=LoRAConfig(r=4))],
+    )
     model = fabric.setup_module(TinyLlamaModule().model)  # convert first, then build the optimizer
     optimizer = fabric.setup_optimizers(torch.optim.AdamW(adapter_param_groups(model, lr=1e-2)))
     ids = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(0))
@@ -152,5 +173,6 @@ def test_checkpoint_from_another_quant_mode_is_refused(tmp_path, saved, loading,
     second = TinyLlamaModule()
     with pytest.raises(CheckpointMismatchError, match=message):
         _trainer(max_steps=4, plugins=[NF4Precision(mode=loading, compute_dtype="fp32", adapter=LoRAConfig(r=4))]).fit(
-            second, ckpt_path=str(checkpoint))  # fmt: skip
+            second, ckpt_path=str(checkpoint)
+        )
     assert second.losses == []

@@ -46,16 +46,23 @@ METHODS = {
 # the methods whose schedule lives in a callback bring it, so resume covers its state too
 CALLBACKS = {
     "lora_drop": lambda: [LoRADrop(stage1_steps=4, top_n=3, plot=False)],
-    "adalora": lambda: [AdaLoRABudget(target_rank=2, init_warmup=2, final_warmup=2, mask_interval=2, total_steps=12,
-                                      plot=False)],  # fmt: skip
+    "adalora": lambda: [
+        AdaLoRABudget(target_rank=2, init_warmup=2, final_warmup=2, mask_interval=2, total_steps=12, plot=False)
+    ],
 }
 TOTAL, RESUME_AT = 12, 8  # 4 batches per epoch: the checkpoint falls on an epoch boundary
 
 
 def tiny_llama() -> torch.nn.Module:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return transformers.LlamaForCausalLM(config)
 
 
@@ -94,15 +101,24 @@ class ConfigureModelModule(UserModule):
             self.model = tiny_llama()
 
 
-def _fit(module: L.LightningModule, method: str, max_steps: int, ckpt_path: str | None = None,
-         callbacks: list | None = None) -> L.LightningModule:  # fmt: skip
+def _fit(
+    module: L.LightningModule, method: str, max_steps: int, ckpt_path: str | None = None, callbacks: list | None = None
+) -> L.LightningModule:
     L.seed_everything(0)
     plugin = NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=METHODS[method])
     extra = CALLBACKS.get(method, list)()
     checkpointing = any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks or [])
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=checkpointing, plugins=[plugin],
-                        callbacks=[*extra, *(callbacks or [])])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=checkpointing,
+        plugins=[plugin],
+        callbacks=[*extra, *(callbacks or [])],
+    )
     trainer.fit(module, ckpt_path=ckpt_path)
     return module
 
@@ -201,9 +217,16 @@ def test_delta_lora_moves_the_float_base_by_the_adapter_change():
     module = UserModule()
     initial = {k: v.clone() for k, v in module.model.state_dict().items()}
     L.seed_everything(0)
-    L.Trainer(accelerator="cpu", devices=1, max_steps=5, logger=False, enable_progress_bar=False,
-              enable_model_summary=False, enable_checkpointing=False,
-              plugins=[NF4Precision(mode="none", compute_dtype="fp32", adapter=config)]).fit(module)  # fmt: skip
+    L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=5,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        plugins=[NF4Precision(mode="none", compute_dtype="fp32", adapter=config)],
+    ).fit(module)
     for name, layer in adapter_layers(module.model).items():
         # telescoped Delta-LoRA updates: W_T = W_0 + lambda * s * (B_T A_T - B_0 A_0), with B_0 = 0
         expected = initial[f"{name}.weight"] + 2.0 * layer.scaling * (layer.lora_B @ layer.lora_A).detach()
@@ -219,8 +242,11 @@ def test_delta_lora_moves_a_4bit_base_with_a_plain_module():
 
 
 def _fabric_run(method: str, steps: int, tmp_path, resume_from: str | None = None, save_at: int | None = None):
-    fabric = L.Fabric(accelerator="cpu", devices=1,
-                      plugins=[FabricNF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=METHODS[method])])  # fmt: skip
+    fabric = L.Fabric(
+        accelerator="cpu",
+        devices=1,
+        plugins=[FabricNF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=METHODS[method])],
+    )
     L.seed_everything(0)
     model = fabric.setup_module(tiny_llama())
     optimizer = fabric.setup_optimizers(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2))
@@ -256,8 +282,11 @@ def test_fabric_trains_resumes_and_runs_the_per_step_work(tmp_path, method):
 
 @pytest.mark.parametrize(("method", "parameter"), [("adalora", "lora_A"), ("moe_lora", "router")])
 def test_fabric_backward_includes_the_extra_loss(method, parameter):
-    fabric = L.Fabric(accelerator="cpu", devices=1,
-                      plugins=[FabricNF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=METHODS[method])])  # fmt: skip
+    fabric = L.Fabric(
+        accelerator="cpu",
+        devices=1,
+        plugins=[FabricNF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=METHODS[method])],
+    )
     model = fabric.setup_module(tiny_llama())
     ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
     fabric.backward(0.0 * model(input_ids=ids).logits.sum())  # no task gradient: only the extra loss's
@@ -265,8 +294,9 @@ def test_fabric_backward_includes_the_extra_loss(method, parameter):
     name = "model.layers.0.self_attn.q_proj"
     got = getattr(layers[name], parameter).grad.clone()
     model(input_ids=ids)  # the same forward again (the mixture's balance term comes from it)
-    expected = torch.autograd.grad(torch.stack([l.extra_loss() for l in layers.values()]).sum(),
-                                   getattr(layers[name], parameter))[0]  # fmt: skip
+    expected = torch.autograd.grad(
+        torch.stack([l.extra_loss() for l in layers.values()]).sum(), getattr(layers[name], parameter)
+    )[0]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-8)
     assert expected.abs().sum() > 0
 

@@ -17,7 +17,9 @@ import bitsandbytes.functional as bnb_functional  # noqa: E402
 
 def bnb_quantize_4bit(x: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool):
     with torch._dynamo.config.patch(disable=True):
-        return bnb_functional.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)
+        return bnb_functional.quantize_4bit(
+            x, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant
+        )
 
 
 def bnb_dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:

@@ -9,8 +9,11 @@ from lightning_qlora.quantization import Linear4bit
 
 def test_compiled_linear4bit_matches_eager():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(Linear4bit.from_linear(torch.nn.Linear(128, 64)), torch.nn.ReLU(),
-                                Linear4bit.from_linear(torch.nn.Linear(64, 32)))  # fmt: skip
+    model = torch.nn.Sequential(
+        Linear4bit.from_linear(torch.nn.Linear(128, 64)),
+        torch.nn.ReLU(),
+        Linear4bit.from_linear(torch.nn.Linear(64, 32)),
+    )
     compiled = torch.compile(model)
     x = torch.randn(4, 128)
     with torch.no_grad():

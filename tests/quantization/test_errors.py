@@ -18,8 +18,9 @@ from lightning_qlora.ops import op
 from lightning_qlora.quantization import get_codebook, quantize_4bit, quantize_blockwise_8bit
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.int64, torch.uint8, torch.bool,
-                                   torch.complex64, torch.float64])  # fmt: skip
+@pytest.mark.parametrize(
+    "dtype", [torch.int8, torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64, torch.float64]
+)
 def test_unsupported_dtypes(dtype):
     x = torch.zeros(64, 64).to(dtype)
     with pytest.raises(UnsupportedDTypeError, match=str(dtype)) as info:

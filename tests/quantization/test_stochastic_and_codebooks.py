@@ -20,11 +20,23 @@ from lightning_qlora.quantization.functional import dequantize_blockwise_8bit
 from .bnb_oracle import bnb_functional
 
 NF4_FROM_DESIGN = [
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-]  # fmt: skip
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+]
 
 
 def test_nf4_is_the_exact_published_table():
@@ -87,7 +99,9 @@ def test_stochastic_rounding_is_unbiased_8bit():
     x = torch.rand(1024) * 2 - 1
     x[0] = 1.0
     mean = sum(dequantize_blockwise_8bit(*quantize_blockwise_8bit(x, 1024, seed=s), 1024) for s in range(200)) / 200
-    assert (mean - x).abs().mean() < 0.25 * (dequantize_blockwise_8bit(*quantize_blockwise_8bit(x, 1024), 1024) - x).abs().mean()
+    assert (mean - x).abs().mean() < 0.25 * (
+        dequantize_blockwise_8bit(*quantize_blockwise_8bit(x, 1024), 1024) - x
+    ).abs().mean()
 
 
 def test_stochastic_rounding_is_reproducible_and_exact_on_codes():

@@ -101,9 +101,13 @@ def _bnb_linear(in_features: int, out_features: int, quant_type: str, double_qua
     import bitsandbytes as bnb
 
     return bnb.nn.Linear4bit(
-        in_features, out_features, bias=True, compute_dtype=torch.float32,
-        compress_statistics=double_quant, quant_type=quant_type,
-    )  # fmt: skip
+        in_features,
+        out_features,
+        bias=True,
+        compute_dtype=torch.float32,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+    )
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -131,8 +135,9 @@ def test_bitsandbytes_state_dict_loads_into_ours(double_quant):
 
     dense = torch.nn.Linear(64, 24)
     theirs = _bnb_linear(64, 24, "nf4", double_quant)
-    theirs.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                      compress_statistics=double_quant)._quantize("cpu")  # fmt: skip
+    theirs.weight = bnb.nn.Params4bit(
+        dense.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=double_quant
+    )._quantize("cpu")
     theirs.bias = torch.nn.Parameter(dense.bias.data.clone())
     ours = Linear4bit.from_linear(torch.nn.Linear(64, 24), "nf4", 64, double_quant)
     ours.load_state_dict(theirs.state_dict())

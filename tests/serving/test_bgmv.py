@@ -111,5 +111,18 @@ def test_bad_tables_raise_typed_errors(monkeypatch, force_reference):
 @pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/bin/nvcc").exists(), reason="no nvcc")
 def test_cuda_kernel_compiles(tmp_path):
     nvcc = shutil.which("nvcc") or "/usr/local/bin/nvcc"
-    subprocess.run([nvcc, "-std=c++17", "-O3", f"-I{ROOT / 'csrc' / 'include'}", "-gencode", "arch=compute_80,code=sm_80",
-                    "-c", str(ROOT / "csrc" / "cuda" / "bgmv.cu"), "-o", str(tmp_path / "bgmv.o")], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            nvcc,
+            "-std=c++17",
+            "-O3",
+            f"-I{ROOT / 'csrc' / 'include'}",
+            "-gencode",
+            "arch=compute_80,code=sm_80",
+            "-c",
+            str(ROOT / "csrc" / "cuda" / "bgmv.cu"),
+            "-o",
+            str(tmp_path / "bgmv.o"),
+        ],
+        check=True,
+    )

@@ -60,8 +60,10 @@ def test_mixed_batch_equals_each_request_alone_with_its_adapter_merged(tiny_quan
     engine = _engine(tiny_quantized, adapters_dir, num_pages=2048)
     slots_per_step = []
     original = engine._step_lora
-    engine._step_lora = lambda requests, steps: (slots_per_step.append(len({r.adapter_name for r in requests})),
-                                                 original(requests, steps))[1]  # fmt: skip
+    engine._step_lora = lambda requests, steps: (
+        slots_per_step.append(len({r.adapter_name for r in requests})),
+        original(requests, steps),
+    )[1]
     names = ["base", *ADAPTERS]
     submitted = []
     for i in range(10):
@@ -155,7 +157,9 @@ def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(tiny_quantized, adapte
     engine = _engine(tiny_quantized, adapters_dir)
     greedy = engine.submit(PROMPTS[0], "r8-mlp", SamplingParams(max_tokens=8))
     nucleus = engine.submit(PROMPTS[0], "r8-mlp", SamplingParams(max_tokens=8, temperature=1.0, top_p=1e-6, seed=1))
-    hot = [engine.submit(PROMPTS[0], "r8-mlp", SamplingParams(max_tokens=8, temperature=2.0, seed=s)) for s in (5, 5, 6)]
+    hot = [
+        engine.submit(PROMPTS[0], "r8-mlp", SamplingParams(max_tokens=8, temperature=2.0, seed=s)) for s in (5, 5, 6)
+    ]
     engine.run_until_idle()
     assert nucleus.text() == greedy.text()
     texts = [h.text() for h in hot]

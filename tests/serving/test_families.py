@@ -20,10 +20,18 @@ def test_family_greedy_tokens_equal_the_merged_float_model(family, tmp_path):
     import transformers
 
     tokenizer = tiny_tokenizer()
-    config = transformers.AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                               max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
-                                               sliding_window=8 if family == "mistral" else None)  # fmt: skip
+    config = transformers.AutoConfig.for_model(
+        family,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        sliding_window=8 if family == "mistral" else None,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     if family == "qwen2":

@@ -32,11 +32,24 @@ def server(adapters_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "lightning_qlora.serving.cli", "serve", f"adapters_dir={adapters_dir}", "model=tiny",
-             "host=127.0.0.1", f"port={port}", "num_pages=2048", f"max_prompt_tokens={MAX_PROMPT_TOKENS}",
-             "log_level=warning"],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,  # LitServe forks workers: stop the group
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "lightning_qlora.serving.cli",
+                "serve",
+                f"adapters_dir={adapters_dir}",
+                "model=tiny",
+                "host=127.0.0.1",
+                f"port={port}",
+                "num_pages=2048",
+                f"max_prompt_tokens={MAX_PROMPT_TOKENS}",
+                "log_level=warning",
+            ],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # LitServe forks workers: stop the group
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):  # wait for startup (model build + extension load), up to ~2 minutes
@@ -70,7 +83,9 @@ def test_chat_completion_matches_the_engine_in_process(server, tiny_quantized, a
     body = response.json()
     model, tokenizer, _ = tiny_quantized
     engine = GenerationEngine(model, tokenizer, adapters_dir=adapters_dir)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi!"}], add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi!"}], add_generation_prompt=True, tokenize=False
+    )
     expected = engine.submit(prompt, "r4-all", SamplingParams(max_tokens=12))
     engine.run_until_idle()
     assert body["choices"][0]["message"]["content"] == expected.text()
@@ -95,8 +110,12 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server):
     assert unknown.status_code == 404
     assert unknown.json()["error"]["known_models"] == ["base", "r16-attn", "r2-qv", "r4-all", "r8-mlp"]
     assert "no-such-adapter" in unknown.json()["error"]["message"]
-    malformed = requests.post(f"{server}/v1/chat/completions", data=b'{"model": "base", "messages": [',
-                              headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+    malformed = requests.post(
+        f"{server}/v1/chat/completions",
+        data=b'{"model": "base", "messages": [',
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert malformed.status_code == 400 and "not valid JSON" in malformed.json()["error"]["message"]
     negative = _chat(server, "base", "hi", max_tokens=-5)
     assert negative.status_code == 400 and "max_tokens=-5" in negative.json()["error"]["message"]
@@ -136,8 +155,9 @@ def test_models_have_created_and_an_8_mib_body_is_refused_while_a_small_request_
     thread.start()
     body = json.dumps({"model": "base", "prompt": "y" * (8 * 1024 * 1024), "max_tokens": 4}).encode()
     try:
-        big = requests.post(f"{server}/v1/completions", data=body, headers={"content-type": "application/json"},
-                            timeout=60)  # hang guard only  # fmt: skip
+        big = requests.post(
+            f"{server}/v1/completions", data=body, headers={"content-type": "application/json"}, timeout=60
+        )  # hang guard only
         assert big.status_code == 413 and "max_body_bytes" in big.json()["error"]["message"]
     except requests.ConnectionError:  # the server may answer 413 and close before the client sent it all
         pass
@@ -153,14 +173,18 @@ def test_the_openai_client_lists_completes_and_streams(server):
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
     assert {m.id for m in client.models.list()} == {"base", "r16-attn", "r2-qv", "r4-all", "r8-mlp"}
     whole = client.completions.create(model="r8-mlp", prompt="Once upon", max_tokens=8, temperature=0)
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="r8-mlp", prompt="Once upon", max_tokens=8, temperature=0, stream=True))  # fmt: skip
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model="r8-mlp", prompt="Once upon", max_tokens=8, temperature=0, stream=True)
+    )
     assert streamed == whole.choices[0].text
-    chat = client.chat.completions.create(model="r4-all", messages=[{"role": "user", "content": "Hi!"}], max_tokens=6,
-                                          temperature=0)  # fmt: skip
+    chat = client.chat.completions.create(
+        model="r4-all", messages=[{"role": "user", "content": "Hi!"}], max_tokens=6, temperature=0
+    )
     assert chat.choices[0].message.content is not None and chat.usage.completion_tokens >= 1
-    pieces = client.chat.completions.create(model="r4-all", messages=[{"role": "user", "content": "Hi!"}],
-                                            max_tokens=6, temperature=0, stream=True)  # fmt: skip
+    pieces = client.chat.completions.create(
+        model="r4-all", messages=[{"role": "user", "content": "Hi!"}], max_tokens=6, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in pieces) == chat.choices[0].message.content
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x", max_tokens=2)

@@ -56,8 +56,13 @@ def mixed_dir(tmp_path_factory, tiny_quantized, adapters_dir):
     return root
 
 
-BAD = {"wrong-shape": "another model", "lm-head": "lm_head", "rank-mismatch": "rank 8",
-       "truncated": "truncated", "no-r": "'r'"}  # fmt: skip
+BAD = {
+    "wrong-shape": "another model",
+    "lm-head": "lm_head",
+    "rank-mismatch": "rank 8",
+    "truncated": "truncated",
+    "no-r": "'r'",
+}
 
 
 def _alone(tiny_quantized, root, name, prompt):
@@ -113,8 +118,10 @@ def test_request_not_admitted_within_the_wait_gets_503_with_retry_after(tiny_qua
     assert list(ok)[-1].finish_reason in ("length", "stop")
 
 
-@pytest.mark.parametrize("kwargs", [{"max_batch_size": 0}, {"max_prompt_tokens": -1}, {"num_pages": 0},
-                                    {"max_queue_wait_s": 0}, {"page_size": True}])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_batch_size": 0}, {"max_prompt_tokens": -1}, {"num_pages": 0}, {"max_queue_wait_s": 0}, {"page_size": True}],
+)
 def test_engine_arguments_are_validated_before_anything_is_built(tiny_quantized, kwargs):
     with pytest.raises(ServerConfigError, match=next(iter(kwargs))):
         GenerationEngine(tiny_quantized[0], tiny_quantized[1], **kwargs)

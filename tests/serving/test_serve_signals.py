@@ -52,8 +52,11 @@ def _descendants(root: int) -> set[int]:
 
 
 def _group_members(pgids: set[int]) -> list[int]:
-    return [int(e.name) for e in Path("/proc").iterdir()
-            if e.name.isdigit() and (stat := _stat(int(e.name))) is not None and stat[2] in pgids]  # fmt: skip
+    return [
+        int(e.name)
+        for e in Path("/proc").iterdir()
+        if e.name.isdigit() and (stat := _stat(int(e.name))) is not None and stat[2] in pgids
+    ]
 
 
 def _port_refuses(port: int) -> bool:
@@ -71,10 +74,21 @@ def test_signal_to_serve_frees_the_port_and_leaves_no_child(tmp_path, signum):
     with open(log, "w") as out:
         # the console command's module, started as a user's shell would: not in a session of its own
         process = subprocess.Popen(
-            [sys.executable, "-m", "lightning_qlora.cli", "serve", f"adapters_dir={run_dir}", "model=tiny",
-             f"port={port}", "num_pages=512", "log_level=warning"],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "lightning_qlora.cli",
+                "serve",
+                f"adapters_dir={run_dir}",
+                "model=tiny",
+                f"port={port}",
+                "num_pages=512",
+                "log_level=warning",
+            ],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     started: set[int] = set()
     try:
         url = f"http://127.0.0.1:{port}"
@@ -91,8 +105,11 @@ def test_signal_to_serve_frees_the_port_and_leaves_no_child(tmp_path, signum):
             pytest.fail(f"serve did not become healthy:\n{log.read_text()[-3000:]}")
         models = {m["id"] for m in requests.get(f"{url}/v1/models", timeout=30).json()["data"]}
         assert {"base", "adapter", "adapter_peft"} <= models  # the run dir's adapter, in both formats
-        answer = requests.post(f"{url}/v1/chat/completions", timeout=120, json={
-            "model": "adapter", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})  # fmt: skip
+        answer = requests.post(
+            f"{url}/v1/chat/completions",
+            timeout=120,
+            json={"model": "adapter", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        )
         assert answer.status_code == 200, answer.text
 
         started = _descendants(process.pid)

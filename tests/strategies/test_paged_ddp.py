@@ -30,11 +30,25 @@ def test_two_process_paged_ddp_matches_single_process(tmp_path):
     port, world = _free_port(), 2
     processes = []
     for rank in range(world):
-        env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0",
-                   TORCHELASTIC_RUN_ID="lightning-qlora-paged-test")  # fmt: skip
-        processes.append(subprocess.Popen([sys.executable, str(WORKER), str(world), "2", str(tmp_path / "ddp.json")],
-                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
+        env = _env(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            WORLD_SIZE=str(world),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(world),
+            GROUP_RANK="0",
+            TORCHELASTIC_RUN_ID="lightning-qlora-paged-test",
+        )
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), str(world), "2", str(tmp_path / "ddp.json")],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=600)[0] for p in processes]
     for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == 0, output[-3000:]

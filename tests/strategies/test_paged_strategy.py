@@ -39,13 +39,20 @@ class Regression(L.LightningModule):
 
 def _data() -> DataLoader:
     generator = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(48, 32, generator=generator), torch.randn(48, 1, generator=generator)),
-                      batch_size=8)  # fmt: skip
+    return DataLoader(
+        TensorDataset(torch.randn(48, 32, generator=generator), torch.randn(48, 1, generator=generator)), batch_size=8
+    )
 
 
 def _trainer(strategy, **kwargs) -> L.Trainer:
-    options = dict(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
-                   enable_checkpointing=False, enable_model_summary=False)  # fmt: skip
+    options = dict(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     return L.Trainer(strategy=strategy, **{**options, **kwargs})
 
 
@@ -82,8 +89,9 @@ def test_training_equals_unpaged_adamw_with_groups_and_scheduler(tmp_path, strat
 @pytest.mark.parametrize("optim_bits", [32, 8])
 def test_resume_from_checkpoint_gives_the_same_next_steps(tmp_path, optim_bits):
     def strategy(name: str) -> PagedStrategy:
-        return PagedStrategy(store="mmap", budget_bytes=1 << 20, page_dir=tmp_path / name, optim_bits=optim_bits,
-                             page_elements=4096)  # fmt: skip
+        return PagedStrategy(
+            store="mmap", budget_bytes=1 << 20, page_dir=tmp_path / name, optim_bits=optim_bits, page_elements=4096
+        )
 
     trainer, _ = _fit(strategy("first"), max_epochs=1)
     checkpoint = tmp_path / "epoch1.ckpt"
@@ -126,14 +134,28 @@ class _LossLog(L.Callback):
 
 def _qlora_losses(strategy) -> list[float]:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     module = QLoRAModule(transformers.LlamaForCausalLM(config), lr=1e-2)
     ids = torch.randint(0, 96, (16, 24), generator=torch.Generator().manual_seed(0))
     log = _LossLog()
-    trainer = L.Trainer(accelerator="cpu", strategy=strategy, max_steps=4, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, callbacks=[log],
-                        plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=LoRAConfig(r=4, alpha=8))])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        strategy=strategy,
+        max_steps=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[log],
+        plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=LoRAConfig(r=4, alpha=8))],
+    )
     trainer.fit(module, DataLoader([{"input_ids": row} for row in ids], batch_size=4))
     return log.losses
 

@@ -68,8 +68,9 @@ class PageStore(ABC):
     alignment: int = 64
 
     def __init__(self, budget_bytes: int | None = None) -> None:
-        if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int)
-                                         or budget_bytes <= 0):  # fmt: skip
+        if budget_bytes is not None and (
+            isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0
+        ):
             raise PagedOptimizerError(f"budget_bytes={budget_bytes!r} must be a positive int (bytes) or None.")
         self.budget_bytes = budget_bytes
         self._resident: OrderedDict[tuple[int, int], Extent] = OrderedDict()  # LRU order, oldest first

@@ -90,8 +90,12 @@ class CudaManagedPageStore(PageStore):
 
     @override
     def _reserve(self, nbytes: int) -> int:
-        pointer = self._call(f"cudaMallocManaged of {format_bytes(nbytes)} for optimizer pages", self._ops.managed_alloc,
-                             nbytes, self._device.index)  # fmt: skip
+        pointer = self._call(
+            f"cudaMallocManaged of {format_bytes(nbytes)} for optimizer pages",
+            self._ops.managed_alloc,
+            nbytes,
+            self._device.index,
+        )
         buffer = _ManagedBuffer(int(pointer), nbytes)
         self._buffers.append(buffer)
         self._tensors.append(torch.as_tensor(buffer, device=self._device))
@@ -103,8 +107,14 @@ class CudaManagedPageStore(PageStore):
     @override
     def _start_prefetch(self, extent: Extent) -> None:
         self._stream.wait_stream(torch.cuda.current_stream(self._device))
-        self._call("cudaMemPrefetchAsync to the GPU", self._ops.managed_prefetch, self._pointer(extent),
-                   self._span(extent), self._device.index, self._stream.cuda_stream)  # fmt: skip
+        self._call(
+            "cudaMemPrefetchAsync to the GPU",
+            self._ops.managed_prefetch,
+            self._pointer(extent),
+            self._span(extent),
+            self._device.index,
+            self._stream.cuda_stream,
+        )
         event = torch.cuda.Event()
         event.record(self._stream)
         self._ready[(extent.region, extent.offset)] = event
@@ -121,8 +131,14 @@ class CudaManagedPageStore(PageStore):
     def _drop(self, extent: Extent) -> None:
         self._ready.pop((extent.region, extent.offset), None)
         stream = torch.cuda.current_stream(self._device).cuda_stream
-        self._call("cudaMemPrefetchAsync back to the host", self._ops.managed_prefetch, self._pointer(extent),
-                   self._span(extent), self._ops.HOST_DEVICE, stream)  # fmt: skip
+        self._call(
+            "cudaMemPrefetchAsync back to the host",
+            self._ops.managed_prefetch,
+            self._pointer(extent),
+            self._span(extent),
+            self._ops.HOST_DEVICE,
+            stream,
+        )
 
     @override
     def synchronize(self) -> None:

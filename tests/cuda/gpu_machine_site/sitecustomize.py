@@ -15,12 +15,44 @@ import sys
 
 #: Import names absent on the GPU machine (it has torch, lightning, transformers, peft, safetensors,
 #: torchmetrics, pytest, ninja and nvcc).
-BLOCKED_MODULES = ("hydra", "hydra_plugins", "omegaconf", "wandb", "litserve", "bitsandbytes", "gguf", "hypothesis",
-                   "matplotlib", "rich", "torchao", "tensorboard", "tensorboardX", "optuna", "submitit")  # fmt: skip
+BLOCKED_MODULES = (
+    "hydra",
+    "hydra_plugins",
+    "omegaconf",
+    "wandb",
+    "litserve",
+    "bitsandbytes",
+    "gguf",
+    "hypothesis",
+    "matplotlib",
+    "rich",
+    "torchao",
+    "tensorboard",
+    "tensorboardX",
+    "optuna",
+    "submitit",
+)
 #: Their distribution names, normalized as PEP 503 does.
-BLOCKED_DISTRIBUTIONS = frozenset({"hydra-core", "hydra-optuna-sweeper", "hydra-submitit-launcher", "omegaconf",
-                                   "wandb", "litserve", "bitsandbytes", "gguf", "hypothesis", "matplotlib", "rich",
-                                   "torchao", "tensorboard", "tensorboardx", "optuna", "submitit"})  # fmt: skip
+BLOCKED_DISTRIBUTIONS = frozenset(
+    {
+        "hydra-core",
+        "hydra-optuna-sweeper",
+        "hydra-submitit-launcher",
+        "omegaconf",
+        "wandb",
+        "litserve",
+        "bitsandbytes",
+        "gguf",
+        "hypothesis",
+        "matplotlib",
+        "rich",
+        "torchao",
+        "tensorboard",
+        "tensorboardx",
+        "optuna",
+        "submitit",
+    }
+)
 
 
 def _normalized(name: str | None) -> str:
