@@ -22,10 +22,10 @@ import torch
 
 from lightning_qlora.errors import BLOCK_SIZES_4BIT, check_block_size, check_float_dtype, check_output_dtype
 from lightning_qlora.ops._backends import register_backend
-from lightning_qlora.ops._build import CSRC, EXTENSIONS
+from lightning_qlora.ops._build import CSRC, EXTENSIONS  # noqa: F401 -- CSRC: where the sources are, for the tests
 from lightning_qlora.ops._extension import _CachedExtension
 from lightning_qlora.ops.schemas import (
-    check_bgmv_args,
+    bgmv_operands,
     check_codebook,
     check_dequantize_4bit_args,
     check_linear_4bit_args,
@@ -116,12 +116,9 @@ def _bgmv(
     indices: torch.Tensor,
     out_features: int,
 ) -> torch.Tensor:
-    check_bgmv_args(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
-    x, pool, a_rows, b_rows = x.contiguous(), pool.contiguous(), a_rows.contiguous(), b_rows.contiguous()
-    ranks, scales, indices = ranks.contiguous(), scales.contiguous(), indices.contiguous()
-    y = x.new_empty((x.shape[0], out_features))  # the caller allocates y, as for the CPU kernel
+    tensors, y = bgmv_operands(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
     with torch.cuda.device(x.device):
-        extension.bgmv(x, pool, a_rows, b_rows, ranks, scales, indices, y, _stream(x))
+        extension.bgmv(*tensors, y, _stream(x))
     return y
 
 

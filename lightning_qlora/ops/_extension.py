@@ -32,7 +32,7 @@ from lightning_qlora.ops._backends import register_backend
 from lightning_qlora.ops._build import CSRC, FORCE_REFERENCE_ENV, force_reference, reset
 from lightning_qlora.ops._build import extension as load_extension
 from lightning_qlora.ops.schemas import (
-    check_bgmv_args,
+    bgmv_operands,
     check_codebook,
     check_dequantize_4bit_args,
     check_dequantize_8bit_args,
@@ -152,11 +152,8 @@ def _bgmv(
     indices: torch.Tensor,
     out_features: int,
 ) -> torch.Tensor:
-    check_bgmv_args(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
-    x, pool, a_rows, b_rows = x.contiguous(), pool.contiguous(), a_rows.contiguous(), b_rows.contiguous()
-    ranks, scales, indices = ranks.contiguous(), scales.contiguous(), indices.contiguous()
-    y = x.new_empty((x.shape[0], out_features))
-    status = extension.bgmv(x, pool, a_rows, b_rows, ranks, scales, indices, y)
+    tensors, y = bgmv_operands(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
+    status = extension.bgmv(*tensors, y)
     if status != 0:
         raise ShapeMismatchError(f"bgmv: {_BGMV_STATUS.get(status, f'status {status}')}.")
     return y

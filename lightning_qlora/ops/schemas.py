@@ -32,6 +32,8 @@ Ops (all functional, no mutation):
 
 from __future__ import annotations
 
+from typing import Any
+
 from collections.abc import Sequence
 
 import torch
@@ -179,6 +181,17 @@ def check_bgmv_args(
         )
     if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 0:
         raise ShapeMismatchError(f"bgmv out_features={out_features!r} must be a non-negative int.")
+
+
+def bgmv_operands(*args: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``bgmv``'s arguments validated (:func:`check_bgmv_args`) and made contiguous, and the output ``y``.
+
+    Every device's compiled kernel writes into a ``y (rows, out_features)`` its caller allocates.
+    """
+    check_bgmv_args(*args)
+    *tensors, out_features = args
+    tensors = [t.contiguous() for t in tensors]
+    return tensors, tensors[0].new_empty((tensors[0].shape[0], out_features))
 
 
 @torch.library.register_fake(qualified_name("quantize_4bit"))
