@@ -158,6 +158,14 @@ def _log_adapter_artifact(trainer: L.Trainer, directory: str) -> None:
             logger.experiment.log_artifact(artifact)
 
 
+def _finish_wandb_runs(trainer: L.Trainer) -> None:
+    """End the W&B runs this job started: the next ``run`` in this process (a Hydra multirun job, a test)
+    would otherwise log into this one instead of starting (or resuming) its own."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Build everything ``cfg`` describes, evaluate, train, evaluate, save; returns the results."""
     start = time.perf_counter()
@@ -184,53 +192,59 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if c is not None
     ]
     trainer: L.Trainer = _build(cfg.trainer, plugins=[plugin], callbacks=callbacks, logger=loggers or False)
-    # checkpoints as a same-directory temporary + fsync + rename, never a copy from $TMPDIR (issue 15)
-    install_atomic_checkpoint_io(trainer.strategy)
-    for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-
-    model, tokenizer = _build(cfg.model)
-    data = _build(cfg.data, tokenizer=tokenizer)
-    data.setup("test")
-    module = QLoRAModule(model, optimizer=optimizer, adapters_only_checkpoints=cfg.adapters_only_checkpoints)
-    plugin.convert_module(module)  # now, so the "before" numbers are the quantized base's (fit skips it)
-    results: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "trainable_params": trainable_parameter_count(module)}
-    evaluate = trainer.is_global_zero and not cfg.trainer.get("fast_dev_run")
-    if evaluate and cfg.evaluate.before:
-        results["before"] = _evaluate(module, tokenizer, data.examples["test"], cfg, "base model (quantized)")
-
-    fit_start = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    results["train_seconds"] = time.perf_counter() - fit_start
-    results["steps"] = trainer.global_step
-    results["optimizer"] = type(trainer.optimizers[0]).__name__ if trainer.optimizers else None
-
-    if evaluate and cfg.evaluate.after:
-        results["after"] = _evaluate(module, tokenizer, data.examples["test"], cfg, "fine-tuned")
-    if trainer.is_global_zero and cfg.save_adapter:
-        results.update(_save_adapter(module, run_dir))
-        _log_adapter_artifact(trainer, results["adapter_dir"])
-    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    results["total_seconds"] = time.perf_counter() - start
-    if trainer.is_global_zero:
-        metrics = {
-            f"test/{phase}_{key}": float(results[phase][key])
-            for phase in ("before", "after")
-            if phase in results
-            for key in ("exact_match", "loss")
-        }
+    try:
+        # checkpoints as a same-directory temporary + fsync + rename, never a copy from $TMPDIR (issue 15)
+        install_atomic_checkpoint_io(trainer.strategy)
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-            logger.finalize("success")
-        predictions = _write_predictions(results, data.examples["test"], cfg, run_dir)
-        results["files"] = list_run_files(run_dir, also=("results.json",))  # written just below
-        slim = {
-            k: ({kk: vv for kk, vv in v.items() if kk != "predictions"} if isinstance(v, dict) else v)
-            for k, v in results.items()
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+        model, tokenizer = _build(cfg.model)
+        data = _build(cfg.data, tokenizer=tokenizer)
+        data.setup("test")
+        module = QLoRAModule(model, optimizer=optimizer, adapters_only_checkpoints=cfg.adapters_only_checkpoints)
+        plugin.convert_module(module)  # now, so the "before" numbers are the quantized base's (fit skips it)
+        results: dict[str, Any] = {
+            "run_dir": str(run_dir.resolve()),
+            "trainable_params": trainable_parameter_count(module),
         }
-        atomic_write_text(run_dir / "results.json", json.dumps(slim, indent=2))
-        print_report(results, run_dir, predictions, shown_predictions=cfg.evaluate.get("show", 5))
-    return results
+        evaluate = trainer.is_global_zero and not cfg.trainer.get("fast_dev_run")
+        if evaluate and cfg.evaluate.before:
+            results["before"] = _evaluate(module, tokenizer, data.examples["test"], cfg, "base model (quantized)")
+
+        fit_start = time.perf_counter()
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        results["train_seconds"] = time.perf_counter() - fit_start
+        results["steps"] = trainer.global_step
+        results["optimizer"] = type(trainer.optimizers[0]).__name__ if trainer.optimizers else None
+
+        if evaluate and cfg.evaluate.after:
+            results["after"] = _evaluate(module, tokenizer, data.examples["test"], cfg, "fine-tuned")
+        if trainer.is_global_zero and cfg.save_adapter:
+            results.update(_save_adapter(module, run_dir))
+            _log_adapter_artifact(trainer, results["adapter_dir"])
+        results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        results["total_seconds"] = time.perf_counter() - start
+        if trainer.is_global_zero:
+            metrics = {
+                f"test/{phase}_{key}": float(results[phase][key])
+                for phase in ("before", "after")
+                if phase in results
+                for key in ("exact_match", "loss")
+            }
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.finalize("success")
+            predictions = _write_predictions(results, data.examples["test"], cfg, run_dir)
+            results["files"] = list_run_files(run_dir, also=("results.json",))  # written just below
+            slim = {
+                k: ({kk: vv for kk, vv in v.items() if kk != "predictions"} if isinstance(v, dict) else v)
+                for k, v in results.items()
+            }
+            atomic_write_text(run_dir / "results.json", json.dumps(slim, indent=2))
+            print_report(results, run_dir, predictions, shown_predictions=cfg.evaluate.get("show", 5))
+        return results
+    finally:
+        _finish_wandb_runs(trainer)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

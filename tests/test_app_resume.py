@@ -97,7 +97,14 @@ def test_tensorboard_and_wandb_continue_the_run_on_resume(tmp_path, monkeypatch)
     assert len(list((board / "tensorboard").glob("events.out.tfevents.*"))) == 2
     assert sorted(_tensorboard_steps(board / "tensorboard", "train/loss")) == list(range(6))
 
+    import wandb
+
     run(_compose([*QUIET, "logger=wandb", "trainer.max_steps=2"], wandb_dir))
+    # the job ended its run: a later run in this process (a multirun job, a user's script) gets its own
+    assert wandb.run is None
     (first,) = (wandb_dir / "wandb").glob("offline-run-*")
     run(_compose([*QUIET, "logger=wandb", "trainer.max_steps=3", "ckpt_path=last"], wandb_dir))
-    assert list((wandb_dir / "wandb").glob("offline-run-*")) == [first]  # the same run (same id) continued
+    # offline, W&B writes each session to its own directory; a continued run keeps the run id (`wandb sync` joins them)
+    runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and first in runs
+    assert {path.name.rsplit("-", 1)[-1] for path in runs} == {first.name.rsplit("-", 1)[-1]}
