@@ -13,25 +13,13 @@
 
 #include "bgmv.h"
 #include "kernels.h"
+#include "lightning_qlora/torch_args.h"
 #include "matmul.h"
 #include "parallel.h"
 
 namespace lq = lightning_qlora;
 
 namespace {
-
-lq::cpu::FloatType float_type(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat:
-      return lq::cpu::FloatType::kFloat32;
-    case at::kHalf:
-      return lq::cpu::FloatType::kFloat16;
-    case at::kBFloat16:
-      return lq::cpu::FloatType::kBFloat16;
-    default:
-      TORCH_CHECK(false, "lightning_qlora CPU kernels take float32, float16 or bfloat16, got ", type);
-  }
-}
 
 // Our loops use as many threads as torch.set_num_threads allows, and torch's own pool (see parallel.h).
 void run_in_torch_pool(int threads, const std::function<void()>& each_thread) {
@@ -41,12 +29,6 @@ void run_in_torch_pool(int threads, const std::function<void()>& each_thread) {
 }
 
 void follow_torch_threads() { lq::cpu::set_max_threads(at::get_num_threads()); }
-
-lq::Codebook4 prepare_codebook(const at::Tensor& code) {
-  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16, "codebook must be 16 float32 values");
-  auto values = code.contiguous();
-  return lq::make_codebook4(values.data_ptr<float>());
-}
 
 // A fresh large output is backed by untouched pages; writing it costs one page fault per 4 KiB
 // (16k faults for a 64 MB fp32 weight, ~2/3 of the dequantize time measured here). Asking for
@@ -73,8 +55,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& input, const 
   const int64_t n = source.numel();
   auto packed = at::empty({(n + 1) / 2}, source.options().dtype(at::kByte));
   auto absmax = at::empty({(n + blocksize - 1) / blocksize}, source.options().dtype(at::kFloat));
-  const auto book = prepare_codebook(code);
-  lq::cpu::quantize_4bit(source.data_ptr(), float_type(source.scalar_type()), n, book, blocksize, seed.has_value(),
+  const auto book = lq::codebook_of(code);
+  const auto type = lq::float_type_of(source.scalar_type(), "CPU");
+  lq::cpu::quantize_4bit(source.data_ptr(), type, n, book, blocksize, seed.has_value(),
                          static_cast<uint64_t>(seed.value_or(0)), packed.data_ptr<uint8_t>(), absmax.data_ptr<float>());
   return {packed, absmax};
 }
@@ -92,7 +75,7 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, c
   auto scales = absmax.contiguous();
   auto table = code.contiguous();
   lq::cpu::dequantize_4bit(codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), table.data_ptr<float>(), n, blocksize,
-                           float_type(dtype), out.data_ptr());
+                           lq::float_type_of(dtype, "CPU"), out.data_ptr());
   return out;
 }
 
@@ -138,11 +121,7 @@ int64_t tile_rows(int64_t in_features) {
 void check_weight(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
                   const std::vector<int64_t>& shape) {
   follow_torch_threads();
-  TORCH_CHECK(shape.size() == 2, "4-bit linear needs a 2-D weight shape (out, in), got ", shape.size(), " dims");
-  const int64_t n = shape[0] * shape[1];
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == (n + 1) / 2, "packed size does not match shape");
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.numel() == (n + blocksize - 1) / blocksize, "absmax size");
-  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16, "codebook must be 16 float32 values");
+  lq::check_4bit_weight(packed, absmax, code, blocksize, shape);
 }
 
 // fp32 values of weight rows [row_begin, row_end) as a (rows, in) tensor.

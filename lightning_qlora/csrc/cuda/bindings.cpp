@@ -10,6 +10,7 @@
 #include <numeric>
 
 #include "launchers.h"
+#include "lightning_qlora/torch_args.h"
 
 namespace lq = lightning_qlora;
 namespace lqc = lightning_qlora::cuda;
@@ -22,26 +23,6 @@ void check_launch(cudaError_t status, const char* op) {
   TORCH_CHECK(status == cudaSuccess, "lightning_qlora CUDA ", op, " failed: ", cudaGetErrorString(status));
 }
 
-lqc::FloatType float_type(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat:
-      return lqc::FloatType::kFloat32;
-    case at::kHalf:
-      return lqc::FloatType::kFloat16;
-    case at::kBFloat16:
-      return lqc::FloatType::kBFloat16;
-    default:
-      TORCH_CHECK(false, "lightning_qlora CUDA kernels take float32, float16 or bfloat16, got ", type);
-  }
-}
-
-// The codebook is tiny and read on the host to build the kernels' by-value Codebook4.
-lq::Codebook4 host_codebook(const at::Tensor& code) {
-  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16, "codebook must be 16 float32 values");
-  auto values = code.to(at::kCPU).contiguous();
-  return lq::make_codebook4(values.data_ptr<float>());
-}
-
 std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& input, const at::Tensor& code, int64_t blocksize,
                                                  c10::optional<int64_t> seed, int64_t stream) {
   TORCH_CHECK(input.is_cuda() && blocksize > 0 && blocksize % 2 == 0, "bad quantize_4bit call");
@@ -49,8 +30,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& input, const 
   const int64_t n = source.numel();
   auto packed = at::empty({(n + 1) / 2}, source.options().dtype(at::kByte));
   auto absmax = at::empty({(n + blocksize - 1) / blocksize}, source.options().dtype(at::kFloat));
-  check_launch(lqc::launch_quantize_4bit(source.data_ptr(), float_type(source.scalar_type()), n, host_codebook(code),
-                                         blocksize, seed.has_value(), static_cast<uint64_t>(seed.value_or(0)),
+  const auto type = lq::float_type_of(source.scalar_type(), "CUDA");
+  check_launch(lqc::launch_quantize_4bit(source.data_ptr(), type, n, lq::codebook_of(code), blocksize,
+                                         seed.has_value(), static_cast<uint64_t>(seed.value_or(0)),
                                          packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
                                          as_stream(stream)),
                "quantize_4bit");
@@ -66,8 +48,9 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, c
   auto out = at::empty(shape, packed.options().dtype(dtype));
   auto codes = packed.contiguous();
   auto scales = absmax.contiguous();
-  check_launch(lqc::launch_dequantize_4bit(codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), host_codebook(code), n,
-                                           blocksize, float_type(dtype), out.data_ptr(),
+  const auto book = lq::codebook_of(code);
+  check_launch(lqc::launch_dequantize_4bit(codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), book, n, blocksize,
+                                           lq::float_type_of(dtype, "CUDA"), out.data_ptr(),
                                            as_stream(stream)),
                "dequantize_4bit");
   return out;
@@ -75,12 +58,8 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, c
 
 void check_weight(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
                   const std::vector<int64_t>& shape) {
-  TORCH_CHECK(shape.size() == 2, "4-bit linear needs a 2-D weight shape (out, in), got ", shape.size(), " dims");
-  const int64_t n = shape[0] * shape[1];
-  TORCH_CHECK(packed.is_cuda() && packed.scalar_type() == at::kByte && packed.numel() == (n + 1) / 2,
-              "packed size does not match shape");
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.numel() == (n + blocksize - 1) / blocksize, "absmax size");
-  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16, "codebook must be 16 float32 values");
+  TORCH_CHECK(packed.is_cuda(), "4-bit codes must be on the CUDA device");
+  lq::check_4bit_weight(packed, absmax, code, blocksize, shape);
 }
 
 // x (..., in) @ W^T: fused GEMV for up to kMaxFusedRows rows, else dequantize + cuBLAS.
