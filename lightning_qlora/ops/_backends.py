@@ -28,9 +28,6 @@ from lightning_qlora.ops.schemas import qualified_name
 #: Every op's pure-PyTorch kernel, by name.
 _REFERENCE = {**reference.REFERENCE_KERNELS, **reference.SERVING_KERNELS}
 
-#: device -> the op names registered for it (read by the tests and ``python -m lightning_qlora.bench gpu``).
-REGISTERED: dict[str, tuple[str, ...]] = {}
-
 
 def _with_fallback(name: str, compiled: Callable[..., Any], extension: Callable[[], Any | None]) -> Callable[..., Any]:
     fallback = _REFERENCE[name]
@@ -60,4 +57,3 @@ def register_backend(
         )
     for name, compiled in kernels.items():
         torch.library.register_kernel(qualified_name(name), device, _with_fallback(name, compiled, extension))
-    REGISTERED[device] = tuple(kernels)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_qlora.ops import OP_NAMES, _backends, reference
+from lightning_qlora.ops import OP_NAMES, _backends, qualified_name, reference
 from lightning_qlora.ops._cuda_extension import CUDA_KERNELS
 from lightning_qlora.ops._extension import CPU_KERNELS
 
@@ -14,8 +14,9 @@ def test_every_device_table_names_only_our_ops_and_cpu_has_them_all():
     ours = set(OP_NAMES) | set(reference.SERVING_KERNELS)
     assert set(CPU_KERNELS) == ours
     assert set(CUDA_KERNELS) <= ours
-    assert _backends.REGISTERED["cpu"] == tuple(CPU_KERNELS)
-    assert _backends.REGISTERED["cuda"] == tuple(CUDA_KERNELS)
+    # the dispatcher has each table's kernels under the device's key
+    for table, key in ((CPU_KERNELS, "CPU"), (CUDA_KERNELS, "CUDA")):
+        assert all(torch._C._dispatch_has_kernel_for_dispatch_key(qualified_name(name), key) for name in table)
 
 
 def test_a_table_naming_an_unknown_op_fails_at_registration():
