@@ -1,7 +1,8 @@
 """Make OpenMP threads sleep, not spin, while they wait for work -- before torch loads OpenMP.
 
-torch's CPU ops (and MKL, and our kernels, which run in torch's intra-op pool) use one GNU
-OpenMP team. By default an idle team thread spins for milliseconds after every parallel op. On
+torch's CPU ops (and MKL) use one GNU OpenMP team; our kernels use their own pool of sleeping
+helpers (``csrc/cpu/parallel.h``). By default an idle OpenMP thread spins for milliseconds after
+every parallel op, taking the core our helpers (or anyone else) need next. On
 a machine with other busy processes -- DataLoader workers, tokenizers, a second DDP rank, other
 users -- a spinning thread takes the core a working thread needs, and every parallel region
 waits for its slowest thread: measured here beside two busy processes, a model-like mix of

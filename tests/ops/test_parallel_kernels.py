@@ -94,8 +94,8 @@ def test_a_forked_child_runs_the_kernels_after_the_parent_did(extension):
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child, set up as torch's DataLoader sets up its workers
-        # One thread, as DataLoader workers run: GNU OpenMP (torch's intra-op pool, which our loops
-        # use) cannot start a parallel region in a child forked after the parent used one.
+        # One thread, as DataLoader workers run (GNU OpenMP, torch's intra-op pool, cannot start a
+        # parallel region in a child forked after the parent used one; our own pool starts afresh).
         torch.set_num_threads(1)
         ok = all(torch.equal(a, b) for a, b in zip(_outputs(w, x), expected))
         os.write(write, b"1" if ok else b"0")
@@ -143,3 +143,34 @@ def test_importing_lightning_qlora_first_makes_openmp_threads_sleep():
     assert _policy("import lightning_qlora; " + show, {}) == "PASSIVE True"
     assert _policy("import torch, lightning_qlora; " + show, {}) == "None False"  # too late: says so
     assert _policy("import lightning_qlora; " + show, {"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE False"
+
+
+_TEAM_WORK = """
+import time, torch
+import lightning_qlora
+from lightning_qlora.ops import _extension, op
+from lightning_qlora.quantization import get_codebook
+torch.set_num_threads(2)
+ext = _extension.cpu_extension()
+w, code = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0)), get_codebook("nf4")
+chunks, cpu, own = ext.helper_chunks(), time.process_time(), time.thread_time()
+deadline = time.monotonic() + 60
+# The loop site tries a team in its first calls and re-probes one at least every 64 calls, even
+# when one thread wins (a busy machine); keep calling until a helper has run a chunk.
+while time.monotonic() < deadline:
+    op("quantize_4bit")(w, code, 64)
+    other = (time.process_time() - cpu) - (time.thread_time() - own)
+    if ext.helper_chunks() > chunks and other > 0.0:
+        break
+print(ext.helper_chunks() - chunks, other)
+"""
+
+
+def test_two_threads_run_chunks_on_a_second_thread(extension):
+    # The loops ran their team in torch's pool through an inline at::parallel_for whose OpenMP
+    # pragma the extension (built without -fopenmp) dropped: every chunk ran in the caller, and
+    # 2 threads were never faster than 1. Now a helper thread claims chunks and spends CPU on them.
+    done = subprocess.run([sys.executable, "-c", _TEAM_WORK], capture_output=True, text=True, timeout=300, check=True)
+    helper_chunks, other_threads_cpu = done.stdout.split()
+    assert int(helper_chunks) > 0
+    assert float(other_threads_cpu) > 0.0

@@ -21,13 +21,7 @@ namespace lq = lightning_qlora;
 
 namespace {
 
-// Our loops use as many threads as torch.set_num_threads allows, and torch's own pool (see parallel.h).
-void run_in_torch_pool(int threads, const std::function<void()>& each_thread) {
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) each_thread();
-  });
-}
-
+// Our loops use as many threads as torch.set_num_threads allows (their own pool, see parallel.h).
 void follow_torch_threads() { lq::cpu::set_max_threads(at::get_num_threads()); }
 
 // A fresh large output is backed by untouched pages; writing it costs one page fault per 4 KiB
@@ -224,7 +218,6 @@ int64_t bgmv(const at::Tensor& x, const at::Tensor& pool, const at::Tensor& a_ro
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lightning_qlora CPU kernels";
-  lq::cpu::set_team_runner(&run_in_torch_pool);
   m.def("bgmv", &bgmv, "batched heterogeneous LoRA; returns a status code");
   m.def("quantize_4bit", &quantize_4bit, "blockwise 4-bit quantization");
   m.def("dequantize_4bit", &dequantize_4bit, "blockwise 4-bit dequantization");
@@ -232,4 +225,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_blockwise_8bit", &dequantize_blockwise_8bit, "blockwise 8-bit dequantization");
   m.def("linear_4bit", &linear_4bit, "x @ W^T with a 4-bit weight");
   m.def("linear_4bit_input_grad", &linear_4bit_input_grad, "grad @ W with a 4-bit weight");
+  m.def("helper_chunks", &lq::cpu::helper_chunks, "chunks run by the loop pool's helper threads so far");
 }

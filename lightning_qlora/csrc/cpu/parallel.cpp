@@ -26,10 +26,13 @@ struct Job {
   bool open = true;        // guarded by Pool::mutex: helpers may still join
 };
 
-void run_chunks(Job& job) {
-  for (;;) {
+std::atomic<int64_t> g_helper_chunks{0};
+
+// Returns how many chunks this thread ran.
+int64_t run_chunks(Job& job) {
+  for (int64_t ran = 0;; ++ran) {
     const int64_t chunk = job.next.fetch_add(1, std::memory_order_relaxed);
-    if (chunk >= job.chunks) return;
+    if (chunk >= job.chunks) return ran;
     const int64_t begin = chunk * job.grain;
     (*job.body)(begin, std::min(begin + job.grain, job.count));
   }
@@ -61,7 +64,7 @@ struct Pool {
       ++current->helpers_joined;
       ++current->helpers_active;
       lock.unlock();
-      run_chunks(*current);
+      g_helper_chunks.fetch_add(run_chunks(*current), std::memory_order_relaxed);
       lock.lock();
       if (--current->helpers_active == 0) done.notify_one();
     }
@@ -70,7 +73,6 @@ struct Pool {
 
 std::atomic<Pool*> g_pool{nullptr};
 std::atomic<int> g_max_threads{0};
-std::atomic<TeamRunner> g_runner{nullptr};
 
 Pool* pool() {
   Pool* current = g_pool.load(std::memory_order_acquire);
@@ -92,7 +94,7 @@ Pool* pool() {
 void run_loop(int threads, int64_t count, int64_t grain, int64_t chunks,
               const std::function<void(int64_t, int64_t)>& body);
 
-void set_team_runner(TeamRunner runner) { g_runner.store(runner, std::memory_order_release); }
+int64_t helper_chunks() { return g_helper_chunks.load(std::memory_order_relaxed); }
 
 void set_max_threads(int threads) { g_max_threads.store(threads, std::memory_order_relaxed); }
 
@@ -113,12 +115,21 @@ struct SpinGuard {
 };
 }  // namespace
 
+double LoopSite::cost(int choice) const {
+  const int n = std::min(recorded_[choice], kSamples);
+  if (n == 0) return -1.0;
+  double sorted[kSamples];
+  std::copy(samples_[choice], samples_[choice] + n, sorted);
+  std::sort(sorted, sorted + n);
+  return sorted[(n - 1) / 2];  // the lower median: two records give the better one
+}
+
 int LoopSite::pick(int threads) {
   if (threads <= 1) return 1;
   SpinGuard guard(lock_);
   ++calls_;
   const int other = 1 - current_;
-  if (cost_[other] < 0.0 || calls_ >= next_probe_) {
+  if (recorded_[other] == 0 || calls_ >= next_probe_) {
     probing_ = true;
     next_probe_ = calls_ + interval_;
     return other == 0 ? 1 : threads;
@@ -131,10 +142,11 @@ void LoopSite::record(int threads, double seconds, int64_t chunks) {
   const int choice = threads <= 1 ? 0 : 1;
   const double per_chunk = seconds / static_cast<double>(std::max<int64_t>(1, chunks));
   SpinGuard guard(lock_);
-  cost_[choice] = cost_[choice] < 0.0 ? per_chunk : 0.75 * cost_[choice] + 0.25 * per_chunk;
-  if (cost_[0] < 0.0 || cost_[1] < 0.0) return;
-  const int best = cost_[0] <= cost_[1] ? 0 : 1;
-  if (probing_ && choice != current_) interval_ = best == choice ? 8 : std::min<int64_t>(interval_ * 2, 1024);
+  samples_[choice][recorded_[choice] % kSamples] = per_chunk;
+  ++recorded_[choice];
+  if (recorded_[0] == 0 || recorded_[1] == 0) return;
+  const int best = cost(0) <= cost(1) ? 0 : 1;
+  if (probing_ && choice != current_) interval_ = best == choice ? 8 : std::min(interval_ * 2, kMaxInterval);
   current_ = best;
 }
 
@@ -155,17 +167,6 @@ void parallel_for(LoopSite& site, int64_t count, int64_t grain, const std::funct
 
 void run_loop(int threads, int64_t count, int64_t grain, int64_t chunks,
               const std::function<void(int64_t, int64_t)>& body) {
-  const TeamRunner runner = g_runner.load(std::memory_order_acquire);
-  if (runner != nullptr && threads > 1) {
-    Job job;
-    job.body = &body;
-    job.count = count;
-    job.grain = grain;
-    job.chunks = chunks;
-    job.helpers_wanted = 0;
-    runner(threads, [&job] { run_chunks(job); });
-    return;
-  }
   Pool* helpers = threads > 1 ? pool() : nullptr;
   bool idle = false;
   if (helpers == nullptr || !helpers->busy.compare_exchange_strong(idle, true, std::memory_order_acquire)) {

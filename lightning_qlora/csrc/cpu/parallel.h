@@ -6,12 +6,13 @@
 // `omp for schedule(static)`) every call waited for the slowest thread, and a 2-thread GEMV
 // beside one busy process ran 15x slower than 1 thread (issue 18).
 //
-// Whose threads: the extension installs a team runner (bindings.cpp) that runs the claim loop
-// in torch's intra-op pool, so our kernels share threads with torch's own ops and MKL instead of
-// a second pool competing with torch's OpenMP workers for the same cores (those workers spin
-// after each op unless OMP_WAIT_POLICY=PASSIVE, which lightning_qlora/_openmp.py sets when it
-// can). Without a runner (the standalone sanitizer build) a built-in pool of sleeping helpers
-// runs the loop; its caller waits only for chunks a helper actually claimed.
+// Whose threads: a process-wide pool of helpers that sleep on a condition variable between
+// loops (no spinning), started on first use. Not torch's intra-op pool: its team runs through an
+// inline `#pragma omp parallel` in ATen's headers, which this extension (built without -fopenmp,
+// to keep one OpenMP runtime in the process: torch's) compiles as a serial loop -- the earlier
+// runner ran every "team" in the caller alone. torch's own OpenMP workers sleep too between ops
+// (OMP_WAIT_POLICY=PASSIVE, set by lightning_qlora/_openmp.py when it can), so the two pools take
+// turns rather than compete for the cores.
 #pragma once
 
 #include <stdint.h>
@@ -27,19 +28,26 @@ void set_max_threads(int threads);
 int max_threads();
 
 // How many threads a loop site (one kernel) runs on, chosen by measurement: a team pays off on an
-// idle machine (2 threads ~1.2-2x faster) but on a busy one a parallel region can wait a whole
-// scheduler timeslice for a descheduled thread (measured: 2-thread calls 2-4x slower than
-// 1-thread ones beside two busy processes). Each call records its time per chunk for the thread
-// count it ran with (a moving average per choice); the site runs the cheaper choice and re-probes
-// the other now and then, backing off exponentially while the probe keeps losing. So a call
-// costs at most about what one thread costs, plus rare probes.
+// idle machine (2 threads ~1.8x faster on the 4096x4096 GEMV) but on a busy one a helper may be
+// descheduled in the middle of its chunk and the caller waits for it. Each call records its time
+// per chunk for the thread count it ran with; a choice's cost is the median of its last
+// kSamples records (one slow call -- a late wake-up, the pool's first start -- does not decide).
+// The site runs the cheaper choice and re-probes the other now and then, backing off (up to
+// kMaxInterval calls) while the probe keeps losing. So a call costs about what the better
+// choice costs, plus rare probes.
 class LoopSite {
  public:
-  int pick(int threads);                      // thread count for the next call (1 or `threads`)
+  static constexpr int kSamples = 5;
+  static constexpr int64_t kMaxInterval = 64;
+
+  int pick(int threads);  // thread count for the next call (1 or `threads`)
   void record(int threads, double seconds, int64_t chunks);
 
  private:
-  double cost_[2] = {-1.0, -1.0};  // seconds per chunk: [one thread, a team]; < 0 = never measured
+  double cost(int choice) const;  // median seconds per chunk of the recent records; < 0 = none yet
+
+  double samples_[2][kSamples] = {};  // [one thread, a team]: ring buffers of seconds per chunk
+  int recorded_[2] = {0, 0};          // records so far per choice
   int64_t calls_ = 0;
   int64_t next_probe_ = 0;
   int64_t interval_ = 8;
@@ -53,9 +61,9 @@ class LoopSite {
 // chunk, one thread, or when the pool is already busy (a nested call, another thread's loop).
 void parallel_for(LoopSite& site, int64_t count, int64_t grain, const std::function<void(int64_t, int64_t)>& body);
 
-// Runs each_thread() on `threads` threads (the caller among them) and returns when all are done.
-using TeamRunner = void (*)(int threads, const std::function<void()>& each_thread);
-void set_team_runner(TeamRunner runner);
+// Chunks run by pool helpers (not the caller) since the process started: lets a test see that a
+// team really ran on more than one thread.
+int64_t helper_chunks();
 
 }  // namespace cpu
 }  // namespace lightning_qlora
