@@ -1,12 +1,14 @@
 """``compute_dtype="auto"``: the dtype that is measurably faster on this machine, chosen once per process.
 
-CPU flags do not say which dtype trains faster: a CPU with AVX512-BF16 but no AMX (the machine
-this project is built on) reports native bf16, yet its bf16 matmuls are slower than fp32 ones, and
-bf16 autocast adds a cast of every float weight in every forward. So on CPU ``auto`` times a
-SmolLM2-sized QLoRA layer (4-bit base + LoRA, forward + backward, our kernels) in both dtypes,
-interleaved (about 0.1-0.3 s, once per process and thread count), and takes bf16 only if it is
-clearly faster (:data:`BF16_MARGIN`). CUDA keeps bf16 (the
-design's choice: tensor cores) without measuring.
+CPU flags do not say which dtype trains faster: measured on the machines this project is built
+on, a CPU with AVX512-BF16 but no AMX runs bf16 matmuls 3-5x slower than fp32 ones; one with AMX
+runs them 2-4x faster, yet bf16 *autocast* over a whole model made its main-job step slower than
+fp32 (casts of every activation, bf16 attention backward). On CPU a 16-bit compute dtype now applies to the 4-bit layers' matmuls only
+(each converted ``Linear4bit``'s ``compute_dtype``, bitsandbytes' meaning), and ``auto`` times a
+SmolLM2-sized QLoRA layer (4-bit base + LoRA, forward + backward, our kernels) with fp32 and
+with bf16 matmuls, interleaved (about 0.1-0.3 s, once per process and thread count), and takes
+bf16 only if it is clearly faster (:data:`BF16_MARGIN`). CUDA keeps bf16 (the design's choice:
+tensor cores) without measuring.
 
 Example:
     >>> choose_compute_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)  # whichever measured faster
@@ -58,15 +60,16 @@ def time_qlora_layer_step(dtype: torch.dtype) -> float:
     """Seconds of one forward + backward of :func:`_probe_layer` in compute ``dtype``.
 
     The real path, our kernels included: the 4-bit weight dequantized to the compute dtype, the
-    LoRA update, the input-gradient kernel; bf16 runs under CPU autocast, as the plugin's forward does.
+    LoRA update, the input gradient; in :func:`matmul_dtype`, as the plugin's converted layers on CPU.
     """
+    from lightning_qlora.quantization import matmul_dtype
+
     layer, x = _probe_layer()
     x = x.clone().requires_grad_()
-    context = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else torch.autocast("cpu", enabled=False)
     start = time.perf_counter()
-    with context:
+    with matmul_dtype(None if dtype == torch.float32 else dtype):
         out = layer(x)
-    out.float().square().sum().backward()
+    out.square().sum().backward()
     layer.zero_grad(set_to_none=True)
     return time.perf_counter() - start
 

@@ -27,7 +27,7 @@ from lightning_qlora.quantization.functional import (
     double_quantize_absmax,
     quantize_blockwise_8bit,
 )
-from lightning_qlora.quantization.linear import Linear4bit, linear_4bit
+from lightning_qlora.quantization.linear import Linear4bit, linear_4bit, matmul_dtype
 from lightning_qlora.quantization.memory import WeightMemory, weight_memory
 from lightning_qlora.quantization.tensor import (
     Quantized4bitTensor,
@@ -51,6 +51,7 @@ __all__ = [
     "from_quant_state",
     "get_codebook",
     "linear_4bit",
+    "matmul_dtype",
     "nf4_codebook",
     "normal_float_codebook",
     "quantize_4bit",

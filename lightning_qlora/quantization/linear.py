@@ -12,6 +12,15 @@ frozen; adapters train on top), which reads the 4-bit weight tile by tile instea
 float weight alive between forward and backward -- that is what keeps QLoRA's activation
 memory small.
 
+A layer's ``compute_dtype`` (bitsandbytes' ``Linear4bit(compute_dtype=...)``; what
+``NF4Precision(compute_dtype="bf16")`` sets on every layer it converts on CPU) makes the dequantize
++ BLAS path multiply in that dtype instead: the input is cast to it, the weight dequantized to it,
+the output cast back to the input's dtype, and the input gradient is taken in it as well. It holds
+wherever the layer runs -- inside the Trainer and in evaluation or ``generate`` after ``fit``.
+:func:`matmul_dtype` overrides it for the layers called inside (``None``: the input's dtype). The
+rest of the model (attention, norms, adapters, the residual stream) keeps its own dtype, so no
+activation makes fp32 <-> bf16 round trips the way it does under autocast.
+
 The state dict uses bitsandbytes' keys (``weight``, ``weight.absmax``, ``weight.quant_map``,
 ``weight.nested_absmax``, ``weight.nested_quant_map``,
 ``weight.quant_state.bitsandbytes__<type>``), so checkpoints load into
@@ -25,6 +34,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -40,55 +51,131 @@ from lightning_qlora.quantization.tensor import Quantized4bitTensor, quantize_4b
 FUSED_MAX_ROWS = 64
 
 
+#: :func:`matmul_dtype`'s override of each layer's ``compute_dtype``; unset outside it
+#: (a plain global, not a ContextVar: torch.compile cannot trace ``ContextVar.get``; process-wide)
+_UNSET: Any = object()
+_MATMUL_DTYPE: list[Any] = [_UNSET]
+
+#: dtypes a layer can multiply in (``None``: its input's)
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+#: The bf16 input gradient dequantizes the whole weight at once (transiently); bigger weights go
+#: tile by tile through the fp32 op instead (the same limit as its one-tile case: 16M values).
+_WHOLE_WEIGHT_MAX = 1 << 24
+
+
+@contextlib.contextmanager
+def matmul_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """4-bit layers called inside multiply in ``dtype`` (``None``: in their input's dtype), outputs in the input's.
+
+    Overrides each layer's own ``compute_dtype`` while the context is open.
+
+    Example:
+        >>> layer = Linear4bit.from_linear(torch.nn.Linear(128, 64))
+        >>> with matmul_dtype(torch.bfloat16):
+        ...     layer(torch.randn(100, 128)).dtype
+        torch.float32
+    """
+    _check_compute_dtype(dtype)
+    previous = _MATMUL_DTYPE[0]
+    _MATMUL_DTYPE[0] = dtype
+    try:
+        yield
+    finally:
+        _MATMUL_DTYPE[0] = previous
+
+
+def _check_compute_dtype(dtype: Any) -> None:
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
+        names = ", ".join(str(d) for d in COMPUTE_DTYPES)
+        raise ValueError(f"compute_dtype={dtype!r} is not a float dtype a 4-bit layer multiplies in; use None, {names}.")
+
+
+def _matmul_dtype(layer_dtype: torch.dtype | None) -> torch.dtype | None:
+    override = _MATMUL_DTYPE[0]
+    return layer_dtype if override is _UNSET else override
+
+
 def _weight_args(weight: Quantized4bitTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, list[int]]:
     """``(packed, absmax, code, blocksize, shape)`` of a 4-bit weight; DQ absmax decoded (tiny)."""
     return weight.packed, weight.block_absmax(), weight.code, weight.blocksize, list(weight.shape)
 
 
-def _forward(x: torch.Tensor, weight: Quantized4bitTensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if x.numel() <= FUSED_MAX_ROWS * x.shape[-1]:
+def _forward(
+    x: torch.Tensor, weight: Quantized4bitTensor, bias: torch.Tensor | None, dtype: torch.dtype | None
+) -> torch.Tensor:
+    if x.numel() <= FUSED_MAX_ROWS * x.shape[-1]:  # the fused GEMV accumulates in fp32 whatever the dtype
         out = op("linear_4bit")(x, *_weight_args(weight))
         return out.add_(bias.to(out.dtype)) if bias is not None else out
-    return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
+    if dtype is None or dtype == x.dtype:
+        return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
+    cast_bias = bias.to(dtype) if bias is not None else None
+    return torch.nn.functional.linear(x.to(dtype), weight.dequantize(dtype), cast_bias).to(x.dtype)
+
+
+def _input_grad(grad_out: torch.Tensor, weight: Quantized4bitTensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None or dtype == grad_out.dtype or weight.numel() > _WHOLE_WEIGHT_MAX:
+        return op("linear_4bit_input_grad")(grad_out, *_weight_args(weight))
+    return torch.matmul(grad_out.to(dtype), weight.dequantize(dtype)).to(grad_out.dtype)
 
 
 class _Linear4bitFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: Quantized4bitTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: Quantized4bitTensor, bias: torch.Tensor | None, dtype: torch.dtype | None
+    ) -> torch.Tensor:
         ctx.weight = weight
         ctx.has_bias = bias is not None
-        return _forward(x, weight, bias)
+        ctx.dtype = dtype
+        return _forward(x, weight, bias, dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = op("linear_4bit_input_grad")(grad_out, *_weight_args(ctx.weight))
+            grad_x = _input_grad(grad_out, ctx.weight, ctx.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, None, grad_bias
+        return grad_x, None, grad_bias, None
 
 
-def linear_4bit(x: torch.Tensor, weight: Quantized4bitTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` with a 4-bit weight: ``x (..., in) -> (..., out)``, gradients for ``x`` and ``bias``."""
+def linear_4bit(
+    x: torch.Tensor,
+    weight: Quantized4bitTensor,
+    bias: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``F.linear`` with a 4-bit weight: ``x (..., in) -> (..., out)``, gradients for ``x`` and ``bias``.
+
+    ``compute_dtype``: what the dequantize + BLAS path multiplies in (``None``: ``x``'s dtype);
+    :func:`matmul_dtype` overrides it.
+    """
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(
             f"input has {x.shape[-1]} features but the 4-bit weight of shape {tuple(weight.shape)} expects "
             f"{weight.shape[-1]}."
         )
+    dtype = _matmul_dtype(compute_dtype)
     if not torch.is_grad_enabled() or not (x.requires_grad or (bias is not None and bias.requires_grad)):
         with torch.no_grad():  # nothing to differentiate (generation): skip the autograd node
-            return _forward(x, weight, bias)
-    return _Linear4bitFunction.apply(x, weight, bias)
+            return _forward(x, weight, bias, dtype)
+    return _Linear4bitFunction.apply(x, weight, bias, dtype)
 
 
 class Linear4bit(nn.Module):
-    """A linear layer with a frozen 4-bit weight; shapes as ``nn.Linear`` (``(out, in)``)."""
+    """A linear layer with a frozen 4-bit weight; shapes as ``nn.Linear`` (``(out, in)``).
 
-    def __init__(self, weight: Quantized4bitTensor, bias: torch.Tensor | None = None) -> None:
+    ``compute_dtype``: the dtype its matmuls run in (``None``: the input's); see the module docs.
+    """
+
+    def __init__(
+        self, weight: Quantized4bitTensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         if weight.dim() != 2:
             raise ValueError(f"Linear4bit needs a 2-D weight (out_features, in_features), got {tuple(weight.shape)}")
+        _check_compute_dtype(compute_dtype)
+        self.compute_dtype = compute_dtype
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self.out_features, self.in_features = weight.shape
@@ -101,22 +188,25 @@ class Linear4bit(nn.Module):
         blocksize: int = 64,
         double_quant: bool = True,
         check_values: bool = True,
+        compute_dtype: torch.dtype | None = None,
     ) -> Linear4bit:
         """Quantize an ``nn.Linear`` (its bias stays float and trainable); see :func:`quantize_4bit` for ``check_values``."""
+        _check_compute_dtype(compute_dtype)
         weight = quantize_4bit(
             linear.weight.detach(), quant_type, blocksize, double_quant=double_quant, check_values=check_values
         )
         bias = linear.bias.detach() if linear.bias is not None else None
-        return cls(weight, bias)
+        return cls(weight, bias, compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_4bit(x, self.weight, self.bias)
+        return linear_4bit(x, self.weight, self.bias, self.compute_dtype)
 
     def extra_repr(self) -> str:
         w = self.weight
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"quant_type={w.quant_type}, blocksize={w.blocksize}, double_quant={w.double_quantized}"
+            + (f", compute_dtype={self.compute_dtype}" if self.compute_dtype is not None else "")
         )
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
