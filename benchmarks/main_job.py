@@ -208,8 +208,10 @@ def step_ab(args: argparse.Namespace) -> dict[str, Any]:
     from lightning_qlora.adapters.lora import LoRALayer
     from lightning_qlora.data import InstructionDataModule, task_paths
     from lightning_qlora.models import load_smollm2
+    from lightning_qlora.module import causal_lm_loss
     from lightning_qlora.plugins import FabricNF4Precision
     from lightning_qlora.plugins.compute_dtype import measured_compute_dtypes
+    from lightning_qlora.quantization import matmul_dtype
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_smollm2()
@@ -227,6 +229,7 @@ def step_ab(args: argparse.Namespace) -> dict[str, Any]:
     variants = {
         "fp32, fused LoRA": (contextlib.nullcontext, fused_delta),
         "fp32, plain LoRA": (contextlib.nullcontext, _plain_lora_delta),
+        "bf16 4-bit matmuls, fused": (lambda: matmul_dtype(torch.bfloat16), fused_delta),
         "bf16 autocast, fused LoRA": (lambda: torch.autocast("cpu", dtype=torch.bfloat16), fused_delta),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -236,7 +239,7 @@ def step_ab(args: argparse.Namespace) -> dict[str, Any]:
                 LoRALayer.delta = delta
                 start = time.perf_counter()
                 with context():
-                    loss = model(**batch).loss
+                    loss = causal_lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -7,6 +7,7 @@ what is specific to causal-LM fine-tuning:
 
 * the loss of a transformers causal LM (labels default to the input ids; -100 ignored), logged
   as ``train/loss`` / ``val/loss``, with the adapters' extra loss logged as ``train/extra_loss``;
+  the vocabulary projection runs only at positions that have a target (:func:`causal_lm_loss`);
 * AdamW (or any optimizer factory) over the adapters' parameter groups (LoRA+ gets its faster B);
 * train mode at fit start (pretrained loaders return eval-mode models; adapters' dropout and
   LoRA-drop's importance tracking need train mode);
@@ -27,6 +28,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_qlora.adapters import adapter_extra_loss, adapter_param_groups
+from lightning_qlora.lm_loss import causal_lm_loss
 from lightning_qlora.plugins import convert_before_checkpoint_restore
 from lightning_qlora.plugins.checkpoint import keep_only_adapters
 
@@ -65,9 +67,7 @@ class QLoRAModule(L.LightningModule):
         return self.model(**batch)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        labels = batch.get("labels", batch["input_ids"])
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)
-        return out.loss
+        return causal_lm_loss(self.model, batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -72,3 +72,76 @@ def test_adapters_only_checkpoint_is_small_and_resumes_exactly(tmp_path):
     _fit(resumed, 12, adapter, ckpt_path=str(path))
     expected, actual = full.state_dict(), resumed.state_dict()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_the_loss_projects_only_the_positions_that_have_a_target():
+    # An instruction batch has targets on its answer tokens only (12 of ~60 per row in the main job);
+    # projecting every position onto the 49k vocabulary was a fifth of a step (issue 20).
+    module = _module()
+    ids = torch.randint(0, 96, (3, 20), generator=torch.Generator().manual_seed(1))
+    labels = torch.full_like(ids, -100)
+    labels[0, 12:16], labels[1, 5:9], labels[2, 14:20] = ids[0, 12:16], ids[1, 5:9], ids[2, 14:20]
+    mask = torch.ones_like(ids)
+    mask[2, 18:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    rows: list[int] = []
+    module.model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[-2]))
+    loss = module._loss(batch)
+    positions = int((labels[:, 1:] != -100).any(0).sum())  # a position predicts the next token
+    assert rows == [positions] and positions < ids.shape[1]
+    reference = module.model(input_ids=ids, attention_mask=mask, labels=labels).loss  # transformers' own loss
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
+    loss.backward()  # and it trains: gradients reach the model
+    assert module.model.model.embed_tokens.weight.grad is not None
+    unlabelled = module._loss({"input_ids": ids})  # labels default to the inputs: every position
+    torch.testing.assert_close(unlabelled, module.model(input_ids=ids, labels=ids).loss, rtol=1e-6, atol=1e-6)
+
+
+def test_a_prompt_prefix_the_batch_shares_runs_once_with_the_same_loss_and_gradients():
+    """Every row starts with the same chat template and instruction: one row of it, its KV cache repeated.
+
+    The prefix's positions predict no target, and causal attention keeps them blind to what
+    follows, so the loss and every gradient equal the full batch's (dropout off; with dropout the
+    rows share the prefix's mask).
+    """
+    from lightning_qlora import lm_loss
+    from lightning_qlora.qlora import QLoRASpec, apply_qlora
+
+    module = _module()
+    apply_qlora(module.model, QLoRASpec(mode="nf4-dq", adapter=LoRAConfig(r=4, alpha=8, dropout=0.0)))
+    for name, param in module.model.named_parameters():
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    generator = torch.Generator().manual_seed(2)
+    prefix = torch.randint(0, 96, (1, 12), generator=generator)
+    ids = torch.cat([prefix.expand(3, -1), torch.randint(0, 96, (3, 9), generator=generator)], 1)
+    labels = torch.full_like(ids, -100)
+    labels[:, 15:] = ids[:, 15:]
+    mask = torch.ones_like(ids)
+    mask[1, 19:] = 0  # a right-padded row
+    labels[1, 19:] = -100
+    fed: list[int] = []
+    module.model.model.embed_tokens.register_forward_pre_hook(lambda m, args: fed.append(args[0].numel()))
+
+    def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        module.zero_grad(set_to_none=True)
+        loss = lm_loss.causal_lm_loss(module.model, ids, mask, labels)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
+
+    shared_loss, shared_grads = loss_and_grads()
+    assert sum(fed) == 12 + 3 * 9  # the prefix once, then each row's own tokens
+    fed.clear()
+    reference = module.model(input_ids=ids, attention_mask=mask, labels=labels).loss  # transformers' own loss
+    torch.testing.assert_close(shared_loss, reference.detach(), rtol=1e-5, atol=1e-6)
+    original = lm_loss.MIN_SHARED_PREFIX
+    try:
+        lm_loss.MIN_SHARED_PREFIX = 10**9
+        full_loss, full_grads = loss_and_grads()
+    finally:
+        lm_loss.MIN_SHARED_PREFIX = original
+    assert sum(fed) == 3 * 21 + 3 * 21  # the reference call above, then the unshared loss
+    torch.testing.assert_close(shared_loss, full_loss, rtol=1e-5, atol=1e-6)
+    assert shared_grads.keys() == full_grads.keys() and len(shared_grads) > 0
+    for name in full_grads:
+        torch.testing.assert_close(shared_grads[name], full_grads[name], rtol=1e-4, atol=1e-6)

@@ -25,9 +25,7 @@ from typing import Any
 import torch
 
 from lightning_qlora.data.records import ChatTemplateError, InstructionExample
-
-#: Label of tokens that do not count in the loss (PyTorch's cross-entropy ``ignore_index``).
-IGNORE_INDEX = -100
+from lightning_qlora.lm_loss import IGNORE_INDEX
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:

@@ -17,6 +17,7 @@ from lightning_qlora.data import (
     evaluate_loss,
     generate_answers,
 )
+from lightning_qlora import lm_loss
 from lightning_qlora.qlora import QLoRASpec, apply_qlora
 
 from .helpers import make_tiny_llama, write_jsonl
@@ -69,6 +70,46 @@ def test_loss_is_the_token_weighted_answer_nll(char_tokenizer):
     metrics = evaluate_loss(model, char_tokenizer, examples, batch_size=2, show_progress=False)
     assert metrics["loss"] == pytest.approx(total_nll / total_tokens, rel=1e-5)
     assert metrics["perplexity"] == pytest.approx(math.exp(total_nll / total_tokens), rel=1e-5)
+
+
+def test_the_loss_projects_only_answer_positions_of_length_sorted_batches(char_tokenizer, monkeypatch):
+    """The vocabulary projection runs only where a target is, and batches group similar lengths (less padding)."""
+    model = make_tiny_llama(len(char_tokenizer), seed=1)
+    prompts = ["a much longer prompt than the rest", "ab", "another long prompt, also long", "q"]
+    examples = [InstructionExample.from_prompt(p, "yes") for p in prompts]
+    encoded = [encode_example(char_tokenizer, example) for example in examples]
+    lengths = sorted(len(ids["input_ids"]) for ids in encoded)
+    targets = [sum(label != -100 for label in ids["labels"][1:]) for ids in encoded]
+    projected: list[int] = []
+    fed: list[int] = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: projected.append(args[0].shape[:-1].numel()))
+    model.model.embed_tokens.register_forward_pre_hook(lambda module, args: fed.append(args[0].numel()))
+    monkeypatch.setattr(lm_loss, "MIN_SHARED_PREFIX", 10**9)  # no prefix sharing: whole padded batches
+    evaluate_loss(model, char_tokenizer, examples, batch_size=1, show_progress=False)
+    assert sum(projected) == sum(targets)  # one row per answer token (the answer and its end of turn)
+    fed.clear()
+    evaluate_loss(model, char_tokenizer, examples, batch_size=2, show_progress=False)
+    assert sum(fed) == 2 * lengths[1] + 2 * lengths[3]  # the two short ones together, then the two long ones
+
+
+def test_a_shared_prompt_prefix_runs_once_and_changes_no_result(char_tokenizer, monkeypatch):
+    """The chat template and instruction every prompt starts with: one row's KV cache, repeated for the batch."""
+    model = make_tiny_llama(len(char_tokenizer), seed=2)
+    instruction = "Convert the date to ISO. Date: "
+    examples = [InstructionExample.from_prompt(instruction + d, a) for d, a in [("May 1", "05-01"), ("June 22", "06-22"), ("Jan 3", "01-03")]]
+    fed: list[int] = []
+    model.model.embed_tokens.register_forward_pre_hook(lambda module, args: fed.append(args[0].numel()))
+    shared = generate_answers(model, char_tokenizer, examples, batch_size=3, max_new_tokens=5, show_progress=False)
+    shared_loss = evaluate_loss(model, char_tokenizer, examples, batch_size=3, show_progress=False)
+    shared_fed = sum(fed)
+    fed.clear()
+    monkeypatch.setattr(lm_loss, "MIN_SHARED_PREFIX", 10**9)
+    plain = generate_answers(model, char_tokenizer, examples, batch_size=3, max_new_tokens=5, show_progress=False)
+    plain_loss = evaluate_loss(model, char_tokenizer, examples, batch_size=3, show_progress=False)
+    assert shared == plain
+    assert shared_loss["loss"] == pytest.approx(plain_loss["loss"], rel=1e-5)
+    prompt_length = len(char_tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=True))
+    assert sum(fed) - shared_fed >= 2 * 2 * (prompt_length - 20)  # two passes, two rows fewer each (template slack)
 
 
 def test_qlora_fine_tune_reaches_full_exact_match(char_tokenizer, tmp_path):
