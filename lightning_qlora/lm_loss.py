@@ -56,9 +56,7 @@ def prefix_cache(model: nn.Module, prefix: torch.Tensor, rows: int) -> Any | Non
     return cache
 
 
-def shared_prefix_length(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
-) -> int:
+def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor) -> int:
     """Leading positions where every row has the same token, unmasked, predicting no target (at most ``T - 1``)."""
     if input_ids.shape[0] < 2:
         return 0

@@ -88,7 +88,9 @@ def matmul_dtype(dtype: torch.dtype | None) -> Iterator[None]:
 def _check_compute_dtype(dtype: Any) -> None:
     if dtype is not None and dtype not in COMPUTE_DTYPES:
         names = ", ".join(str(d) for d in COMPUTE_DTYPES)
-        raise ValueError(f"compute_dtype={dtype!r} is not a float dtype a 4-bit layer multiplies in; use None, {names}.")
+        raise ValueError(
+            f"compute_dtype={dtype!r} is not a float dtype a 4-bit layer multiplies in; use None, {names}."
+        )
 
 
 def _matmul_dtype(layer_dtype: torch.dtype | None) -> torch.dtype | None:

@@ -96,7 +96,10 @@ def test_a_shared_prompt_prefix_runs_once_and_changes_no_result(char_tokenizer, 
     """The chat template and instruction every prompt starts with: one row's KV cache, repeated for the batch."""
     model = make_tiny_llama(len(char_tokenizer), seed=2)
     instruction = "Convert the date to ISO. Date: "
-    examples = [InstructionExample.from_prompt(instruction + d, a) for d, a in [("May 1", "05-01"), ("June 22", "06-22"), ("Jan 3", "01-03")]]
+    examples = [
+        InstructionExample.from_prompt(instruction + d, a)
+        for d, a in [("May 1", "05-01"), ("June 22", "06-22"), ("Jan 3", "01-03")]
+    ]
     fed: list[int] = []
     model.model.embed_tokens.register_forward_pre_hook(lambda module, args: fed.append(args[0].numel()))
     shared = generate_answers(model, char_tokenizer, examples, batch_size=3, max_new_tokens=5, show_progress=False)
