@@ -37,6 +37,7 @@ from lightning_qlora.ops.schemas import (
     check_dequantize_4bit_args,
     check_dequantize_8bit_args,
     check_linear_4bit_args,
+    check_linear_compact_args,
 )
 
 __all__ = ["CSRC", "FORCE_REFERENCE_ENV", "backend", "cpu_extension"]
@@ -134,6 +135,13 @@ def _linear_4bit_input_grad(
     return extension.linear_4bit_input_grad(grad, packed, absmax, code, blocksize, [int(d) for d in shape])
 
 
+def _linear_compact(
+    extension: Any, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, blocksize: int
+) -> torch.Tensor:
+    check_linear_compact_args(x, weight, scales, blocksize)
+    return extension.linear_compact(x, weight, scales, blocksize)
+
+
 _BGMV_STATUS = {
     1: "an index names no adapter slot (valid: -1 .. slots-1)",
     2: "a rank exceeds the table width",
@@ -168,5 +176,6 @@ CPU_KERNELS = {
     "linear_4bit": _linear_4bit,
     "linear_4bit_input_grad": _linear_4bit_input_grad,
     "bgmv": _bgmv,
+    "linear_compact": _linear_compact,
 }
 register_backend("cpu", cpu_extension, CPU_KERNELS)

@@ -37,6 +37,7 @@ from lightning_qlora.errors import (
 )
 from lightning_qlora.ops.schemas import (
     check_bgmv_args,
+    check_linear_compact_args,
     check_codebook,
     check_dequantize_4bit_args,
     check_dequantize_8bit_args,
@@ -323,9 +324,20 @@ REFERENCE_KERNELS = {
     "linear_4bit_input_grad": linear_4bit_input_grad,
 }
 
+
+def linear_compact(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Reference for ``lightning_qlora::linear_compact``: widen the weight to float32, ``x @ W^T``, cast to x's dtype."""
+    check_linear_compact_args(x, weight, scales, blocksize)
+    if weight.dtype == torch.int8:
+        full = (weight.float().view(-1, blocksize) * scales.view(-1, 1)).view(weight.shape)
+    else:
+        full = weight.float()
+    return torch.nn.functional.linear(x.float(), full).to(x.dtype)
+
+
 #: Serving ops, kept out of REFERENCE_KERNELS (and so out of ops.OP_NAMES) until tests/ops/test_opcheck.py
 #: has samples for them; tests/serving/test_bgmv.py opchecks them meanwhile.
-SERVING_KERNELS = {"bgmv": bgmv}
+SERVING_KERNELS = {"bgmv": bgmv, "linear_compact": linear_compact}
 
 # CompositeExplicitAutograd: the kernel for every device that has no kernel of its own.
 for _name, _kernel in {**REFERENCE_KERNELS, **SERVING_KERNELS}.items():

@@ -28,6 +28,12 @@ Ops (all functional, no mutation):
     slot's ``lora_A`` rows (length ``in``) and ``lora_B`` columns (length ``out``), ``ranks``
     int64 ``(S,)`` (<= R), ``scales`` float32 ``(S,)``, ``indices`` int64 ``(B,)`` (slot per
     row, -1 = none). ``y[b] = scales[s] * sum_{j<ranks[s]} (x[b] . A_s[j]) B_s^T[j]``, ``(B, out)`` float32.
+* ``linear_compact(x, weight, scales, blocksize) -> Tensor``
+    ``x (..., in) @ W^T -> (..., out)`` for a weight kept in a compact form that is exact for it
+    (serving's ``lm_head``): ``weight`` int8 ``(out, in)`` with ``scales`` float32, one per
+    ``blocksize`` consecutive elements of the flat weight (``W = weight * scale``, how GGUF's Q8_0
+    stores a tensor), or ``weight`` bfloat16 (``scales`` empty, ``blocksize`` ignored). Accumulated
+    in float32, returned in ``x``'s dtype.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ _SCHEMAS = {
     "linear_4bit_input_grad": (
         "(Tensor grad, Tensor packed, Tensor absmax, Tensor code, int blocksize, SymInt[] shape) -> Tensor"
     ),
+    "linear_compact": "(Tensor x, Tensor weight, Tensor scales, int blocksize) -> Tensor",
     "bgmv": (
         "(Tensor x, Tensor pool, Tensor a_rows, Tensor b_rows, Tensor ranks, Tensor scales, Tensor indices, "
         "int out_features) -> Tensor"
@@ -148,6 +155,28 @@ def check_linear_4bit_args(
         raise ShapeMismatchError(
             f"input of shape {tuple(x.shape)} does not fit the 4-bit weight of shape {tuple(shape)}: its last "
             f"dimension must be {side} = {shape[features_dim]}."
+        )
+
+
+def check_linear_compact_args(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, blocksize: int) -> None:
+    """Validate a product with a compact (int8-blockwise or bf16) weight."""
+    check_float_dtype(x)
+    if weight.dim() != 2 or weight.dtype not in (torch.int8, torch.bfloat16):
+        raise ShapeMismatchError(
+            f"a compact linear weight must be a 2-D int8 or bfloat16 tensor, got {weight.dtype} of shape "
+            f"{tuple(weight.shape)}."
+        )
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ShapeMismatchError(
+            f"input of shape {tuple(x.shape)} does not fit the weight of shape {tuple(weight.shape)}: its last "
+            f"dimension must be in_features = {weight.shape[1]}."
+        )
+    if weight.dtype == torch.int8 and (
+        blocksize <= 0 or scales.dtype != torch.float32 or scales.numel() * blocksize != weight.numel()
+    ):
+        raise ShapeMismatchError(
+            f"an int8 weight of {weight.numel()} elements needs one float32 scale per block of {blocksize}: got "
+            f"{scales.numel()} {scales.dtype} scales (blocksize must divide the element count)."
         )
 
 
@@ -281,3 +310,9 @@ def _bgmv_fake(
 ) -> torch.Tensor:
     check_bgmv_args(x, pool, a_rows, b_rows, ranks, scales, indices, out_features)
     return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.register_fake(qualified_name("linear_compact"))
+def _linear_compact_fake(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    check_linear_compact_args(x, weight, scales, blocksize)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

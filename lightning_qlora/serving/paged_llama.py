@@ -30,6 +30,7 @@ from torch import nn
 from lightning_qlora.ops import op
 from lightning_qlora.quantization.linear import Linear4bit
 from lightning_qlora.serving.errors import ServerConfigError, UnsupportedModelError
+from lightning_qlora.serving.lm_head import CompactHead
 from lightning_qlora.serving.pool import PagePool
 
 #: ``config.model_type`` of the families the engine runs (one decoder shape).
@@ -145,6 +146,7 @@ class PagedLlama:
                 f"({2 * self.kv_dim} floats); use page_size >= {2 * self.kv_dim}."
             )
         self.windows = _sliding_windows(config, self.num_layers)
+        self.head = CompactHead(model.lm_head)  # an exact int8/bf16 copy of the head when there is one
         self.module_names: list[str] = []
         self.module_shapes: dict[str, tuple[int, int]] = {}
         self._modules: list[nn.Module] = []
@@ -238,7 +240,7 @@ class PagedLlama:
             gate = layer.mlp.act_fn(self._linear(base + 4, x, lora)) * self._linear(base + 5, x, lora)
             hidden = hidden + self._linear(base + 6, gate, lora)
         last = self.model.model.norm(hidden[plan.last_rows])
-        return self.model.lm_head(last).float()
+        return self.head(last)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

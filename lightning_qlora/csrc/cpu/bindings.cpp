@@ -168,6 +168,42 @@ at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed_in, const a
   return y.view(out_shape).to(x.scalar_type());
 }
 
+// x (..., in) @ W^T -> (..., out) for a compact exact weight: int8 codes with per-block fp32
+// scales, or bf16 values (scales empty); accumulated in fp32, returned in x's dtype.
+at::Tensor linear_compact(const at::Tensor& x, const at::Tensor& weight_in, const at::Tensor& scales_in,
+                          int64_t blocksize) {
+  TORCH_CHECK(x.device().is_cpu() && weight_in.device().is_cpu() && weight_in.dim() == 2, "bad linear_compact call");
+  const int64_t out_features = weight_in.size(0), in_features = weight_in.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "input has ", x.size(-1), " features, weight expects ",
+              in_features);
+  const bool int8 = weight_in.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 || weight_in.scalar_type() == at::kBFloat16, "linear_compact: weight must be int8 or bfloat16");
+  TORCH_CHECK(!int8 || (blocksize > 0 && scales_in.scalar_type() == at::kFloat &&
+                        scales_in.numel() * blocksize == weight_in.numel()),
+              "linear_compact: int8 weights need one float32 scale per block");
+  follow_torch_threads();
+  auto weight = weight_in.contiguous();
+  auto scales = scales_in.contiguous();
+  auto rows = x.reshape({-1, in_features}).to(at::kFloat).contiguous();
+  const int64_t batch = rows.size(0);
+  auto y = at::empty({batch, out_features}, rows.options());
+  for (int64_t first = 0; first < batch; first += lq::cpu::kMaxFusedRows) {
+    const int64_t count = std::min<int64_t>(lq::cpu::kMaxFusedRows, batch - first);
+    const float* xs = rows.data_ptr<float>() + first * in_features;
+    float* ys = y.data_ptr<float>() + first * out_features;
+    if (int8) {
+      lq::cpu::gemv_int8(xs, count, weight.data_ptr<int8_t>(), scales.data_ptr<float>(), out_features, in_features,
+                         blocksize, ys);
+    } else {
+      lq::cpu::gemv_bf16(xs, count, reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), out_features,
+                         in_features, ys);
+    }
+  }
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = out_features;
+  return y.view(out_shape).to(x.scalar_type());
+}
+
 // grad (..., out) @ W -> (..., in): one weight tile at a time, never the whole weight.
 at::Tensor linear_4bit_input_grad(const at::Tensor& grad, const at::Tensor& packed_in, const at::Tensor& absmax_in,
                                   const at::Tensor& code_in, int64_t blocksize, std::vector<int64_t> shape) {
@@ -225,5 +261,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_blockwise_8bit", &dequantize_blockwise_8bit, "blockwise 8-bit dequantization");
   m.def("linear_4bit", &linear_4bit, "x @ W^T with a 4-bit weight");
   m.def("linear_4bit_input_grad", &linear_4bit_input_grad, "grad @ W with a 4-bit weight");
+  m.def("linear_compact", &linear_compact, "x @ W^T with an int8-blockwise or bf16 weight");
   m.def("helper_chunks", &lq::cpu::helper_chunks, "chunks run by the loop pool's helper threads so far");
 }

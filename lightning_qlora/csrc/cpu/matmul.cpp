@@ -8,6 +8,8 @@
 
 #include <string.h>
 
+#include <algorithm>
+
 #include <vector>
 
 #include "lightning_qlora/element.h"
@@ -54,17 +56,27 @@ void gemv_rows_avx512(const float* xs, const uint8_t* packed, const float* absma
     __m512 acc[Rows];
     for (int r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
     const int64_t row_start = o * in_features;
-    for (int64_t k = 0; k < in_features; k += 32) {
-      const int64_t flat = row_start + k;  // a multiple of 32, so the chunk lies in one block
-      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + flat / 2)));
-      const __m512 scale = _mm512_set1_ps(absmax[flat / blocksize]);
-      const __m512 even = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), book), scale);
-      const __m512 odd = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, low_mask), book), scale);
-      for (int r = 0; r < Rows; ++r) {
-        const float* xr = xs + r * in_features + k;
-        acc[r] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xr), acc[r]);
-        acc[r] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xr + 16), acc[r]);
+    // Blocks in order along the row: the codebook is scaled once per block (the same products
+    // code[q] * absmax as dequantize_4bit), and no division runs in the inner loop. A block may
+    // straddle two rows when in_features is not a multiple of blocksize: then `block` starts at
+    // the one holding the row's first element and `block_end` is that block's end in this row.
+    int64_t block = row_start / blocksize;
+    int64_t k = 0;
+    while (k < in_features) {
+      const int64_t block_end = std::min(in_features, (block + 1) * blocksize - row_start);
+      const __m512 scaled = _mm512_mul_ps(book, _mm512_set1_ps(absmax[block]));
+      for (; k < block_end; k += 32) {  // k and block_end are multiples of 32: a chunk lies in one block
+        const __m512i bytes =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (row_start + k) / 2)));
+        const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), scaled);
+        const __m512 odd = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low_mask), scaled);
+        for (int r = 0; r < Rows; ++r) {
+          const float* xr = xs + r * in_features + k;
+          acc[r] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xr), acc[r]);
+          acc[r] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xr + 16), acc[r]);
+        }
       }
+      ++block;
     }
     for (int r = 0; r < Rows; ++r) y[r * out_features + o] = _mm512_reduce_add_ps(acc[r]);
   }
@@ -112,6 +124,134 @@ void gemv_4bit(const float* x, int64_t rows, const uint8_t* packed, const float*
   parallel_for(gemv_site, out_features, rows_per_chunk(in_features), [&](int64_t begin, int64_t end) {
     gemv_rows_scalar(x, rows, packed, absmax, codebook, begin, end, out_features, in_features, blocksize, y);
   });
+}
+
+namespace {
+
+// Weight sources for the compact GEMV: element k of output row o as fp32, scalar and 16 at a time.
+struct Int8Weight {
+  const int8_t* codes;
+  const float* scales;
+  int64_t blocksize;
+  float at(int64_t flat) const { return static_cast<float>(codes[flat]) * scales[flat / blocksize]; }
+#ifdef __AVX512F__
+  // 16 values from flat (a multiple of 16) on, all in the block whose scale is `scale`.
+  __m512 sixteen(int64_t flat, __m512 scale) const {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + flat));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), scale);
+  }
+  int64_t block_size() const { return blocksize; }
+  __m512 block_scale(int64_t block) const { return _mm512_set1_ps(scales[block]); }
+#endif
+};
+
+struct Bf16Weight {
+  const uint16_t* bits;
+  float at(int64_t flat) const {
+    const uint32_t wide = static_cast<uint32_t>(bits[flat]) << 16;
+    float value;
+    memcpy(&value, &wide, sizeof(value));
+    return value;
+  }
+#ifdef __AVX512F__
+  __m512 sixteen(int64_t flat, __m512) const {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + flat));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  }
+  int64_t block_size() const { return int64_t{1} << 62; }  // no blocks: one "block" per row
+  __m512 block_scale(int64_t) const { return _mm512_set1_ps(1.0f); }
+#endif
+};
+
+template <typename Weight>
+void compact_rows_scalar(const Weight& w, const float* x, int64_t rows, int64_t out_begin, int64_t out_end,
+                         int64_t out_features, int64_t in_features, float* y) {
+  for (int64_t o = out_begin; o < out_end; ++o) {
+    float acc[kMaxFusedRows] = {0.0f};
+    for (int64_t k = 0; k < in_features; ++k) {
+      const float value = w.at(o * in_features + k);
+      for (int64_t r = 0; r < rows; ++r) acc[r] += value * x[r * in_features + k];
+    }
+    for (int64_t r = 0; r < rows; ++r) y[r * out_features + o] = acc[r];
+  }
+}
+
+#ifdef __AVX512F__
+template <typename Weight, int Rows>
+void compact_rows_avx512(const Weight& w, const float* x, int64_t out_begin, int64_t out_end, int64_t out_features,
+                         int64_t in_features, float* y) {
+  for (int64_t o = out_begin; o < out_end; ++o) {
+    __m512 acc[Rows];
+    for (int r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
+    // Blocks in order along the row (one scale load per block, no division in the loop).
+    const int64_t row_start = o * in_features, blocksize = w.block_size();
+    int64_t block = row_start / blocksize;
+    int64_t k = 0;
+    while (k < in_features) {
+      const int64_t block_end = std::min(in_features, (block + 1) * blocksize - row_start);
+      const __m512 scale = w.block_scale(block);
+      for (; k < block_end; k += 16) {
+        const __m512 values = w.sixteen(row_start + k, scale);
+        for (int r = 0; r < Rows; ++r)
+          acc[r] = _mm512_fmadd_ps(values, _mm512_loadu_ps(x + r * in_features + k), acc[r]);
+      }
+      ++block;
+    }
+    for (int r = 0; r < Rows; ++r) y[r * out_features + o] = _mm512_reduce_add_ps(acc[r]);
+  }
+}
+
+template <typename Weight>
+void compact_rows_avx512_any(const Weight& w, const float* x, int64_t rows, int64_t out_begin, int64_t out_end,
+                             int64_t out_features, int64_t in_features, float* y) {
+  switch (rows) {
+#define LQ_ROWS(n) \
+  case n:          \
+    return compact_rows_avx512<Weight, n>(w, x, out_begin, out_end, out_features, in_features, y);
+    LQ_ROWS(1) LQ_ROWS(2) LQ_ROWS(3) LQ_ROWS(4) LQ_ROWS(5) LQ_ROWS(6) LQ_ROWS(7) LQ_ROWS(8)
+#undef LQ_ROWS
+    default:
+      return compact_rows_scalar(w, x, rows, out_begin, out_end, out_features, in_features, y);
+  }
+}
+#endif
+
+LoopSite int8_gemv_site, bf16_gemv_site;
+
+template <typename Weight>
+void compact_gemv(LoopSite& site, const Weight& w, bool vector_shapes, const float* x, int64_t rows,
+                  int64_t out_features, int64_t in_features, float* y) {
+  if (rows <= 0 || out_features <= 0) return;
+  if (in_features == 0) {
+    memset(y, 0, sizeof(float) * rows * out_features);
+    return;
+  }
+#ifdef __AVX512F__
+  if (vector_shapes && in_features % 16 == 0) {
+    parallel_for(site, out_features, rows_per_chunk(in_features), [&](int64_t begin, int64_t end) {
+      compact_rows_avx512_any(w, x, rows, begin, end, out_features, in_features, y);
+    });
+    return;
+  }
+#else
+  (void)vector_shapes;
+#endif
+  parallel_for(site, out_features, rows_per_chunk(in_features), [&](int64_t begin, int64_t end) {
+    compact_rows_scalar(w, x, rows, begin, end, out_features, in_features, y);
+  });
+}
+
+}  // namespace
+
+void gemv_int8(const float* x, int64_t rows, const int8_t* codes, const float* scales, int64_t out_features,
+               int64_t in_features, int64_t blocksize, float* y) {
+  compact_gemv(int8_gemv_site, Int8Weight{codes, scales, blocksize}, blocksize % 16 == 0, x, rows, out_features,
+               in_features, y);
+}
+
+void gemv_bf16(const float* x, int64_t rows, const uint16_t* weight, int64_t out_features, int64_t in_features,
+               float* y) {
+  compact_gemv(bf16_gemv_site, Bf16Weight{weight}, true, x, rows, out_features, in_features, y);
 }
 
 void dequantize_range_4bit(const uint8_t* packed, const float* absmax, const float* codebook, int64_t blocksize,

@@ -28,5 +28,14 @@ void gemv_4bit(const float* x, int64_t rows, const uint8_t* packed, const float*
 void dequantize_range_4bit(const uint8_t* packed, const float* absmax, const float* codebook, int64_t blocksize,
                            int64_t start, int64_t count, float* out);
 
+// y[r, o] = sum_k x[r, k] * W[o, k] for r < rows <= kMaxFusedRows, W of shape (out, in) in a
+// compact exact form (serving's lm_head): 8-bit integers with one fp32 scale per `blocksize`
+// consecutive elements of the flat weight (W = codes * scale, a GGUF Q8_0 tensor as stored), or
+// bf16 values widened to fp32. Bandwidth-bound: 4x / 2x fewer bytes than fp32 per decode step.
+void gemv_int8(const float* x, int64_t rows, const int8_t* codes, const float* scales, int64_t out_features,
+               int64_t in_features, int64_t blocksize, float* y);
+void gemv_bf16(const float* x, int64_t rows, const uint16_t* weight, int64_t out_features, int64_t in_features,
+               float* y);
+
 }  // namespace cpu
 }  // namespace lightning_qlora
