@@ -152,7 +152,11 @@ def drive_http_clients(url: str, workload: list[list[tuple[str, str, int]]], poo
 
 
 def run_server_load(
-    adapters_dir: Path, workload: list[list[tuple[str, str, int]]], max_batch: int, num_pages: int = 8192
+    adapters_dir: Path,
+    workload: list[list[tuple[str, str, int]]],
+    max_batch: int,
+    num_pages: int = 8192,
+    threads: int | None = None,
 ) -> dict:
     """Start our server (``lightning-qlora serve``) on a free port of 127.0.0.1 and drive the workload against it."""
     with socket.socket() as s:
@@ -171,6 +175,7 @@ def run_server_load(
             f"port={port}",
             f"num_pages={num_pages}",
             f"max_batch_size={max_batch}",
+            *([f"threads={threads}"] if threads else []),
             "log_level=warning",
         ],
         cwd=ROOT,
@@ -354,7 +359,7 @@ def main() -> None:
             [(rng.choice(choices), rng.choice(PROMPTS), args.max_tokens) for _ in range(args.requests_per_client)]
             for _ in range(args.clients)
         ]
-        ours = run_server_load(root, workload, args.max_batch, args.num_pages)
+        ours = run_server_load(root, workload, args.max_batch, args.num_pages, args.threads)
         engine = run_engine_in_process(float_model, tokenizer, root, workload, args.max_batch, args.num_pages)
         peft = run_peft_baseline(float_model, tokenizer, root, names, workload)
         peer = drive_http_clients(args.peer.rstrip("/"), workload, pool_stats=False) if args.peer else None

@@ -196,3 +196,27 @@ def test_default_host_is_loopback():
     from lightning_qlora.serving.api import AdapterServer
 
     assert inspect.signature(AdapterServer.run).parameters["host"].default == "127.0.0.1"
+
+
+def test_a_whole_answer_leaves_the_worker_in_one_message_a_stream_in_one_per_token(adapters_dir):
+    # Every token used to cross from the inference worker to the HTTP process as its own message,
+    # streaming or not (~3 ms per token of a single stream on 2 cores).
+    import asyncio
+
+    from lightning_qlora.serving.api import AdapterServingAPI, ServerConfig
+
+    api = AdapterServingAPI(ServerConfig(adapters_dir=str(adapters_dir), model="tiny", num_pages=2048))
+    api.setup("cpu")
+    try:
+        params = SamplingParams(max_tokens=6, stop=[]).__dict__
+
+        async def messages(stream: bool) -> list[dict]:
+            payload = {"kind": "completion", "id": f"r{stream}", "model": "base", "prompt": "Hello there"}
+            return [m async for m in api.predict({**payload, "params": params, "stream": stream})]
+
+        whole, streamed = asyncio.run(messages(False)), asyncio.run(messages(True))
+    finally:
+        api.engine.stop()
+    assert len(whole) == 1 and whole[0]["completion_tokens"] == 6 and len(streamed) > 1  # text deltas
+    assert whole[0]["text"] == "".join(m["text"] for m in streamed)
+    assert whole[0]["finish_reason"] == streamed[-1]["finish_reason"] == "length"
