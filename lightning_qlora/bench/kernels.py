@@ -1,7 +1,7 @@
 """NF4 kernel speed on one weight, idle and beside busy processes: ours (raw ops and the user path), bitsandbytes, MKL dense.
 
 Run ``python -m lightning_qlora.bench kernels [--contention N] [--size S] [--repeats R]``. Every
-row is timed at 1 and 2 threads (median of ``R`` calls after a warm-up), first on the machine as
+row is timed at 1 and 2 threads (median of ``R`` calls after a warm-up, :func:`median_ms`), first on the machine as
 it is ("idle"), then, with ``--contention N``, again while ``N`` busy processes (pure Python spin
 loops) run beside the benchmark. The busy processes are bounded (at most 16, each exits by
 itself after 30 minutes) and always stopped at the end, also on an error or Ctrl-C.
@@ -47,9 +47,25 @@ class Row:
     times: dict[tuple[str, int], float] = field(default_factory=dict)
 
 
+#: Warm-up before a row is timed: up to this many calls, or this many seconds, at least one call.
+WARMUP_CALLS, WARMUP_SECONDS = 12, 0.5
+
+
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` in ms after one warm-up call."""
+    """Median wall time of ``fn`` in ms after a warm-up.
+
+    The warm-up (:data:`WARMUP_CALLS` calls or :data:`WARMUP_SECONDS`, whichever ends first) lets
+    our kernels' loop sites settle on a thread count as they do in the first calls of any longer
+    run (csrc/cpu/parallel.h: two calls of each choice, then the cheaper one); timing from the
+    first call would time the trial calls instead of the steady state a training step or a
+    generation sees.
+    """
     fn()
+    deadline = time.perf_counter() + WARMUP_SECONDS
+    for _ in range(WARMUP_CALLS - 1):
+        if time.perf_counter() > deadline:
+            break
+        fn()
     times = []
     for _ in range(max(1, repeats)):
         start = time.perf_counter()

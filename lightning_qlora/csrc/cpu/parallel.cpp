@@ -118,16 +118,25 @@ struct SpinGuard {
 double LoopSite::cost(int choice) const {
   const int n = std::min(recorded_[choice], kSamples);
   if (n == 0) return -1.0;
-  double sorted[kSamples];
-  std::copy(samples_[choice], samples_[choice] + n, sorted);
-  std::sort(sorted, sorted + n);
-  return sorted[(n - 1) / 2];  // the lower median: two records give the better one
+  // The mean without the slowest record: a helper descheduled now and then (a busy machine)
+  // costs the caller a whole wait each time, so the tail must count -- a median would hide a team
+  // that is slow one call in three -- but one outlier (the pool's first start) must not decide.
+  double sum = 0.0, slowest = 0.0;
+  for (int i = 0; i < n; ++i) {
+    sum += samples_[choice][i];
+    slowest = std::max(slowest, samples_[choice][i]);
+  }
+  return n == 1 ? sum : (sum - slowest) / (n - 1);
 }
 
 int LoopSite::pick(int threads) {
   if (threads <= 1) return 1;
   SpinGuard guard(lock_);
   ++calls_;
+  if (recorded_[0] < kWarmup || recorded_[1] < kWarmup) {  // warm-up: alternate, team first
+    probing_ = false;
+    return recorded_[1] <= recorded_[0] ? threads : 1;
+  }
   const int other = 1 - current_;
   if (recorded_[other] == 0 || calls_ >= next_probe_) {
     probing_ = true;
@@ -145,7 +154,10 @@ void LoopSite::record(int threads, double seconds, int64_t chunks) {
   samples_[choice][recorded_[choice] % kSamples] = per_chunk;
   ++recorded_[choice];
   if (recorded_[0] == 0 || recorded_[1] == 0) return;
-  const int best = cost(0) <= cost(1) ? 0 : 1;
+  // A team must be clearly cheaper (kTeamMargin): on a tie -- a memory-bound loop such as
+  // dequantize, where a second thread adds no bandwidth -- one thread wastes no core and never
+  // waits for a descheduled helper.
+  const int best = cost(1) < LoopSite::kTeamMargin * cost(0) ? 1 : 0;
   if (probing_ && choice != current_) interval_ = best == choice ? 8 : std::min(interval_ * 2, kMaxInterval);
   current_ = best;
 }

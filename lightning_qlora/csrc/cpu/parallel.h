@@ -30,21 +30,25 @@ int max_threads();
 // How many threads a loop site (one kernel) runs on, chosen by measurement: a team pays off on an
 // idle machine (2 threads ~1.8x faster on the 4096x4096 GEMV) but on a busy one a helper may be
 // descheduled in the middle of its chunk and the caller waits for it. Each call records its time
-// per chunk for the thread count it ran with; a choice's cost is the median of its last
-// kSamples records (one slow call -- a late wake-up, the pool's first start -- does not decide).
-// The site runs the cheaper choice and re-probes the other now and then, backing off (up to
-// kMaxInterval calls) while the probe keeps losing. So a call costs about what the better
+// per chunk for the thread count it ran with; a choice's cost is the mean of its last kSamples
+// records without the slowest (the tail of late wake-ups counts, the pool's first start does not).
+// After kWarmup calls of each, the site runs the cheaper choice (a team only if clearly cheaper,
+// kTeamMargin) and re-probes the other now and then, backing off (up to kMaxInterval calls)
+// while the probe keeps losing. So a call costs about what the better
 // choice costs, plus rare probes.
 class LoopSite {
  public:
   static constexpr int kSamples = 5;
+  static constexpr int kWarmup = 2;  // records of each choice before the costs decide (a first team
+                                     // call also starts the pool: one slow record must not decide)
   static constexpr int64_t kMaxInterval = 64;
+  static constexpr double kTeamMargin = 0.95;  // a team is chosen only if at least 5% cheaper per chunk
 
   int pick(int threads);  // thread count for the next call (1 or `threads`)
   void record(int threads, double seconds, int64_t chunks);
 
  private:
-  double cost(int choice) const;  // median seconds per chunk of the recent records; < 0 = none yet
+  double cost(int choice) const;  // seconds per chunk of the recent records (see above); < 0 = none yet
 
   double samples_[2][kSamples] = {};  // [one thread, a team]: ring buffers of seconds per chunk
   int recorded_[2] = {0, 0};          // records so far per choice
