@@ -133,3 +133,22 @@ def test_unsupported_family_is_refused_naming_the_served_ones(tiny_quantized):
     config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
     with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2"):
         GenerationEngine(transformers.GPT2LMHeadModel(config), tiny_quantized[1])
+
+
+@pytest.mark.parametrize("bad", ["max_batch_size=0", "max_prompt_tokens=-1", "threads=0", "num_pages=abc"])
+def test_server_arguments_are_validated_at_startup_naming_the_bad_one(adapters_dir, bad):
+    from lightning_qlora.serving.cli import main
+
+    with pytest.raises(SystemExit, match=bad.split("=")[0]):
+        main(["serve", f"adapters_dir={adapters_dir}", "model=tiny", bad])
+
+
+def test_the_server_engine_runs_on_the_threads_it_was_given(adapters_dir):
+    from lightning_qlora.serving.api import ServerConfig
+
+    previous = torch.get_num_threads()
+    try:
+        engine = ServerConfig(adapters_dir=str(adapters_dir), model="tiny", num_pages=256, threads=1).build_engine()
+        assert torch.get_num_threads() == 1 and engine.pool.num_pages == 256
+    finally:
+        torch.set_num_threads(previous)
