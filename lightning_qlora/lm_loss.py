@@ -15,6 +15,7 @@ draws one mask for the prefix that every row then shares (independent per row ot
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -29,11 +30,17 @@ IGNORE_INDEX = -100
 MIN_SHARED_PREFIX = 8
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
+@functools.cache
+def _forward_parameters(forward: Any) -> frozenset[str]:
     try:
-        return name in inspect.signature(model.forward).parameters
+        return frozenset(inspect.signature(forward).parameters)
     except (TypeError, ValueError):
-        return False
+        return frozenset()
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes ``name`` (its signature read once per forward function, not per step)."""
+    return name in _forward_parameters(getattr(model.forward, "__func__", model.forward))
 
 
 def cache_keyword(model: nn.Module) -> str:
