@@ -170,8 +170,9 @@ class FabricNF4Precision(FabricPrecision):
 
         CPU autocast would also run attention, the adapters and a cast of every activation between
         the fp32 residual stream and each matmul in bf16: measured slower than plain fp32 for the
-        main job's step, while the 4-bit layers' own bf16 matmuls are 2-4x faster (AMX). CUDA
-        keeps autocast (tensor cores for every matmul, attention included).
+        main job's step, while the 4-bit layers' own bf16 matmuls can be faster (AMX, or
+        AVX512-BF16: what ``auto`` measures). CUDA keeps autocast (tensor cores for every matmul,
+        attention included).
         """
         return self.compute_dtype != torch.float32 and not torch.cuda.is_available()
 

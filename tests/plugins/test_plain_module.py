@@ -305,3 +305,37 @@ def test_every_registered_method_is_in_the_matrix():
     from lightning_qlora.adapters import ADAPTER_CONFIGS
 
     assert set(METHODS) == set(ADAPTER_CONFIGS)
+
+
+def test_a_plain_module_and_fabric_train_with_bf16_4bit_matmuls_on_cpu(monkeypatch):
+    # NF4Precision(compute_dtype="bf16") on CPU: the converted layers multiply in bf16, everything
+    # else (the user's loss, norms, adapters, the float parameters) stays fp32 -- plugin alone.
+    from lightning_qlora.quantization import Linear4bit
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    module = UserModule()
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        plugins=[NF4Precision(mode="nf4-dq", compute_dtype="bf16", adapter=METHODS["lora"])],
+    )
+    trainer.fit(module)
+    fabric = L.Fabric(
+        accelerator="cpu",
+        devices=1,
+        plugins=[FabricNF4Precision(mode="nf4-dq", compute_dtype="bf16", adapter=METHODS["lora"])],
+    )
+    model = fabric.setup_module(tiny_llama())
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    fabric.backward(model(input_ids=ids, labels=ids).loss)
+    for converted in (module.model, model.module):
+        layers = [m for m in converted.modules() if isinstance(m, Linear4bit)]
+        assert layers and all(layer.compute_dtype == torch.bfloat16 for layer in layers)
+        assert all(p.dtype == torch.float32 for p in converted.parameters() if p.is_floating_point())
+    assert all(torch.isfinite(torch.tensor(module.losses))) and module.losses[-1] < module.losses[0]
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
