@@ -138,7 +138,7 @@ int LoopSite::pick(int threads) {
     return recorded_[1] <= recorded_[0] ? threads : 1;
   }
   const int other = 1 - current_;
-  if (recorded_[other] == 0 || calls_ >= next_probe_) {
+  if (calls_ >= next_probe_) {  // after the warm-up both choices have records
     probing_ = true;
     next_probe_ = calls_ + interval_;
     return other == 0 ? 1 : threads;
