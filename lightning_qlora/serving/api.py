@@ -67,6 +67,8 @@ class ServerConfig:
         threads: CPU threads of the server's engine (``torch.set_num_threads``; None = torch's
             default, one per core). A single stream decodes faster on 1 thread on a 2-core machine
             (the small per-layer ops pay more to wake a second thread than it saves; see the README).
+        prefix_caching: reuse the KV pages of prompt blocks an earlier request with the same adapter
+            started with (the chat template and system prompt); see ``serving/prefix_cache.py``.
     """
 
     adapters_dir: str
@@ -82,6 +84,7 @@ class ServerConfig:
     max_messages: int = 1024
     max_queue_wait_s: float = 60.0
     threads: int | None = None
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -116,6 +119,7 @@ class ServerConfig:
             max_batch_size=self.max_batch_size,
             max_prompt_tokens=self.max_prompt_tokens,
             max_queue_wait_s=self.max_queue_wait_s,
+            prefix_caching=self.prefix_caching,
         )
 
 
@@ -407,6 +411,9 @@ class AdapterServingAPI(ls.LitAPI):
                 "adapter_loads": engine.registry.stats.loads,
                 "running": len(engine._running),
                 "finish_reasons": dict(engine.finish_reasons),
+                "prefix_cache": (
+                    dataclasses.asdict(engine.prefix_cache.stats) if engine.prefix_cache is not None else None
+                ),
             }
             return
         loop = asyncio.get_running_loop()

@@ -37,7 +37,8 @@ GRACE_SECONDS = 15.0
 USAGE = (
     "usage: lightning-qlora serve adapters_dir=DIR [host=127.0.0.1] [port=8000] [model=smollm2|tiny] "
     "[num_pages=8192] [page_size=N] [max_batch_size=16] [max_prompt_tokens=N] [max_body_bytes=2097152] "
-    "[max_prompt_chars=131072] [max_messages=1024] [max_queue_wait_s=60] [threads=N] [log_level=info]"
+    "[max_prompt_chars=131072] [max_messages=1024] [max_queue_wait_s=60] [threads=N] [prefix_caching=true] "
+    "[log_level=info]"
 )
 
 
@@ -59,7 +60,7 @@ def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
         elif key in fields:
             kind = str(fields[key].type)
             if "bool" in kind:
-                config[key] = value.lower() in ("1", "true", "yes")
+                config[key] = _bool(key, value)
             elif "float" in kind:
                 config[key] = _float(key, value)
             elif "int" in kind:
@@ -71,6 +72,14 @@ def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     if "adapters_dir" not in config:
         raise SystemExit(f"adapters_dir=... is required.\n{USAGE}")
     return config, run
+
+
+def _bool(key: str, value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"{key}={value!r} must be true or false.\n{USAGE}")
 
 
 def _int(key: str, value: str) -> int:

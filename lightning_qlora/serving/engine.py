@@ -53,6 +53,7 @@ from lightning_qlora.serving.errors import (
 from lightning_qlora.serving.handles import GenerationEvent, RequestHandle
 from lightning_qlora.serving.paged_llama import PagedLlama, SequenceStep, StepLoRA, adaptable_shapes
 from lightning_qlora.serving.pool import PagePool
+from lightning_qlora.serving.prefix_cache import CachedBlock, PrefixCache
 from lightning_qlora.serving.registry import AdapterRegistry, LoadedAdapter
 from lightning_qlora.serving.sampling import SamplingParams, find_stop, sample_next, stable_prefix_length
 
@@ -71,7 +72,8 @@ class _Request:
     generator: torch.Generator | None
     submitted: float
     adapter: LoadedAdapter | None = None
-    pages: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)  # its own KV pages
+    blocks: list[CachedBlock] = field(default_factory=list)  # prompt blocks it shares with the prefix cache
     page_table: torch.Tensor | None = None
     generated: list[int] = field(default_factory=list)
     past: int = 0
@@ -100,6 +102,8 @@ class GenerationEngine:
         max_batch_size: most requests in one step.
         max_prompt_tokens: longer prompts are refused (413); default: the model's context minus 1.
         max_queue_wait_s: a request not admitted within this many seconds fails with 503.
+        prefix_caching: keep the KV of prompt blocks for later requests with the same adapter and
+            leading tokens (:mod:`~lightning_qlora.serving.prefix_cache`); they prefill only the rest.
         record_logits: keep each step's logits on the request (tests).
 
     Raises:
@@ -117,6 +121,7 @@ class GenerationEngine:
         max_batch_size: int = 16,
         max_prompt_tokens: int | None = None,
         max_queue_wait_s: float = 60.0,
+        prefix_caching: bool = True,
         record_logits: bool = False,
     ) -> None:
         _check_positive("num_pages", num_pages)
@@ -129,6 +134,10 @@ class GenerationEngine:
         self.pool = PagePool(num_pages, page_size)
         self.runner = PagedLlama(model, self.pool)
         self.registry = AdapterRegistry(self.pool, self.runner.module_shapes, adapters_dir)
+        self.prefix_cache: PrefixCache | None = None
+        if prefix_caching:
+            self.prefix_cache = PrefixCache(self.pool, self.runner.num_layers, self.runner.tokens_per_page)
+            self.registry.reclaim = self.prefix_cache.evict_until_free
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_prompt_tokens = max_prompt_tokens or self.runner.max_positions - 1
@@ -266,15 +275,23 @@ class GenerationEngine:
                     self._waiting.popleft()
                     self._finish(request, "error", emit_rest=False, error=error)
                     continue
+            blocks = self.prefix_cache.lookup(adapter, request.prompt) if self.prefix_cache is not None else []
             kv_pages = self.runner.kv_pages_for(len(request.prompt) + request.params.max_tokens)
+            kv_pages -= len(blocks) * self.runner.num_layers  # the cached prefix's pages are shared
             if self.pool.free_pages < kv_pages and not self.registry.evict_until_free(kv_pages):
+                if blocks:
+                    self.prefix_cache.release(blocks)
                 if adapter is not None:
                     self.registry.release(adapter)
                 break
             self._waiting.popleft()
             request.adapter = adapter
+            request.blocks = blocks
             request.pages = self.pool.allocate(kv_pages, owner=f"kv:{request.handle.id}")
-            request.page_table = torch.tensor(request.pages, dtype=torch.int64).view(self.runner.num_layers, -1)
+            own = torch.tensor(request.pages, dtype=torch.int64).view(self.runner.num_layers, -1)
+            shared = [torch.tensor(b.pages, dtype=torch.int64).view(-1, 1) for b in blocks]
+            request.page_table = torch.cat([*shared, own], dim=1)
+            request.past = len(blocks) * self.runner.tokens_per_page  # prefill starts after the cached prefix
             admitted.append(request)
         return admitted
 
@@ -302,7 +319,7 @@ class GenerationEngine:
     def _forward(self, batch: list[_Request], decoding: int) -> None:
         """One pass over ``batch``: its first ``decoding`` requests decode one token, the rest are prefilled."""
         steps = [SequenceStep(torch.tensor(r.generated[-1:]), r.past, r.page_table) for r in batch[:decoding]]
-        steps += [SequenceStep(torch.tensor(r.prompt), 0, r.page_table) for r in batch[decoding:]]
+        steps += [SequenceStep(torch.tensor(r.prompt[r.past :]), r.past, r.page_table) for r in batch[decoding:]]
         try:
             logits = self.runner.forward(steps, self._step_lora(batch, steps))
         except Exception as error:  # noqa: BLE001 -- one bad pass must not kill the server; fail its requests
@@ -311,6 +328,11 @@ class GenerationEngine:
                 self._finish(request, "error", emit_rest=False, error=error)
             return
         self._running = list(batch)
+        if self.prefix_cache is not None:
+            for request in batch[decoding:]:  # prefilled now: keep its full prompt blocks for later requests
+                self.prefix_cache.store(
+                    request.adapter, request.prompt, request.page_table, request.blocks, request.pages
+                )
         for request, step, row in zip(batch, steps, logits):
             request.past += step.tokens.numel()
             self._accept(request, row)
@@ -383,8 +405,11 @@ class GenerationEngine:
             self._running.remove(request)
         try:
             self.pool.free(request.pages)
+            if request.blocks:
+                self.prefix_cache.release(request.blocks)
         finally:
             request.pages = []
+            request.blocks = []
             if request.adapter is not None:
                 adapter, request.adapter = request.adapter, None
                 self.registry.release(adapter)

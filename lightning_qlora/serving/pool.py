@@ -36,7 +36,8 @@ class PoolStats:
         num_pages: pages in the pool.
         used_pages: pages allocated now.
         peak_pages: most pages ever allocated at once.
-        kv_pages / adapter_pages: used pages by kind (owner prefix ``kv:`` / ``adapter:``).
+        kv_pages / adapter_pages / prefix_pages: used pages by kind (owner prefix ``kv:`` /
+            ``adapter:`` / ``prefix:``, the prompt blocks kept for reuse).
         allocations / frees: calls so far.
     """
 
@@ -47,6 +48,7 @@ class PoolStats:
     adapter_pages: int
     allocations: int
     frees: int
+    prefix_pages: int = 0
 
     @property
     def occupancy(self) -> float:
@@ -122,6 +124,15 @@ class PagePool:
                 self._free.append(page)
             self._frees += 1
 
+    def reassign(self, page_ids: list[int], owner: str) -> None:
+        """Hand allocated pages to another owner (a request's prompt block kept by the prefix cache)."""
+        with self._lock:
+            for page in page_ids:
+                if page not in self._owner:
+                    raise ValueError(f"page {page} is not allocated; only allocated pages change owner.")
+            for page in page_ids:
+                self._owner[page] = owner
+
     def owners(self) -> dict[int, str]:
         """Allocated page -> owner (a copy)."""
         with self._lock:
@@ -138,4 +149,5 @@ class PagePool:
                 kinds.count("adapter"),
                 self._allocations,
                 self._frees,
+                kinds.count("prefix"),
             )

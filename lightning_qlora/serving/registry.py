@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +99,8 @@ class AdapterRegistry:
         ] = {}  # name -> (file signature, pages or error)
         self._lock = threading.RLock()
         self.stats = RegistryStats()
+        #: called with a page count before idle adapters are evicted for room (returns whether it freed enough)
+        self.reclaim: Callable[[int], bool] | None = None
         if adapters_dir is not None:
             self.register_directory(adapters_dir)
 
@@ -197,7 +200,13 @@ class AdapterRegistry:
             return sum(len(a.pages) for a in self._loaded.values() if a.pins == 0)
 
     def evict_until_free(self, pages: int) -> bool:
-        """Evict idle adapters, least recently used first, until ``pages`` pages are free; whether that worked."""
+        """Evict idle adapters, least recently used first, until ``pages`` pages are free; whether that worked.
+
+        :attr:`reclaim` (the engine's prefix cache) gives back what it can first: a cached prompt
+        block is cheaper to recompute than an adapter to reload.
+        """
+        if self.reclaim is not None and self.pool.free_pages < pages:
+            self.reclaim(pages)
         with self._lock:
             for name in [n for n, a in self._loaded.items() if a.pins == 0]:
                 if self.pool.free_pages >= pages:

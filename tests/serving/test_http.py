@@ -143,6 +143,7 @@ def test_client_disconnecting_mid_stream_frees_its_pages(server):
     assert after["kv_pages"] == 0 and after["running"] == 0
     assert after["finish_reasons"].get("cancelled") == 1  # freed by the cancellation, not by finishing
     assert "r16-attn" in after["loaded_adapters"]  # unpinned but still resident (evictable)
+    assert after["prefix_cache"]["misses"] + after["prefix_cache"]["hits"] >= 1  # admissions looked it up
 
 
 def test_models_have_created_and_an_8_mib_body_is_refused_while_a_small_request_completes(server):

@@ -98,7 +98,9 @@ def test_adapter_broken_after_submission_fails_only_its_request_in_the_batch(tin
     last = list(doomed)[-1]
     assert last.finish_reason == "error" and last.status == 422 and "soon-broken" in last.error
     assert good.text() == _alone(tiny_quantized, mixed_dir, "r2-qv", "abc")
-    assert engine.pool.stats().kv_pages == 0 and engine.pool.stats().adapter_pages == engine.pool.used_pages
+    stats = engine.pool.stats()  # every request's KV returned; what is left: adapters and the cached prompt blocks
+    assert stats.kv_pages == 0 and stats.adapter_pages + stats.prefix_pages == engine.pool.used_pages
+    assert stats.prefix_pages == engine.prefix_cache.pages and engine.prefix_cache.clear() == stats.prefix_pages
 
 
 def test_request_not_admitted_within_the_wait_gets_503_with_retry_after(tiny_quantized):
