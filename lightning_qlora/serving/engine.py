@@ -405,11 +405,10 @@ class GenerationEngine:
             self._running.remove(request)
         try:
             self.pool.free(request.pages)
-            if request.blocks:
-                self.prefix_cache.release(request.blocks)
         finally:
             request.pages = []
-            request.blocks = []
+            if request.blocks:
+                self.prefix_cache.release(request.blocks)  # empties the list
             if request.adapter is not None:
                 adapter, request.adapter = request.adapter, None
                 self.registry.release(adapter)
