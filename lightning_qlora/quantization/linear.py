@@ -203,6 +203,31 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear_4bit(x, self.weight, self.bias, self.compute_dtype)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Linear4bit:
+        """``nn.Module._apply`` (``.to``, ``.cpu``, ``.cuda``, ``.float``...) that never swaps the 4-bit weight in place.
+
+        torch moves a tensor subclass parameter with ``torch.utils.swap_tensors``, which refuses a
+        tensor with weak references -- and ``torch.profiler(record_shapes=True)`` (Lightning's
+        ``PyTorchProfiler``) or any weakref-keyed cache leaves some, so Lightning's teardown
+        (``module.cpu()``) failed after such a run. Here a conversion that returns the weight itself
+        (``.cpu()`` on the CPU, ``.float()``) leaves it as it is, and any other puts a new
+        ``Parameter`` around the converted weight; bias and buffers convert as in ``nn.Module``.
+        """
+        order = list(self._parameters)
+        weight = self._parameters.pop("weight")
+        try:
+            super()._apply(fn, recurse)
+            applied = fn(weight) if weight is not None else None
+            if applied is not None and applied is not weight:
+                weight = nn.Parameter(applied, requires_grad=False)
+        finally:  # the weight back in its place (parameter order as before)
+            rest = dict(self._parameters)
+            self._parameters.clear()
+            for name in order:
+                self._parameters[name] = weight if name == "weight" else rest.pop(name)
+            self._parameters.update(rest)
+        return self
+
     def extra_repr(self) -> str:
         w = self.weight
         return (

@@ -339,3 +339,38 @@ def test_a_plain_module_and_fabric_train_with_bf16_4bit_matmuls_on_cpu(monkeypat
         assert all(p.dtype == torch.float32 for p in converted.parameters() if p.is_floating_point())
     assert all(torch.isfinite(torch.tensor(module.losses))) and module.losses[-1] < module.losses[0]
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_fit_under_the_pytorch_profiler_with_shapes_and_moves_with_a_weakref_to_a_4bit_weight(tmp_path):
+    """Lightning's teardown moves the module to the CPU; a 4-bit weight something holds a weak
+    reference to (torch.profiler with record_shapes, a cache keyed by weakref) must not make that
+    fail -- torch cannot swap a tensor that has weak references."""
+    import weakref
+
+    from lightning.pytorch.profilers import PyTorchProfiler
+
+    from lightning_qlora.quantization.linear import Linear4bit
+
+    L.seed_everything(0)
+    module = UserModule()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=METHODS["lora"])],
+        profiler=PyTorchProfiler(dirpath=tmp_path, filename="profile", record_shapes=True),
+    )
+    trainer.fit(module)  # teardown calls module.cpu()
+    assert len(module.losses) == 2
+    layer = next(m for m in module.modules() if isinstance(m, Linear4bit))
+    watcher = weakref.ref(layer.weight)
+    x = torch.randn(3, layer.in_features)
+    expected = layer(x)
+    module.cpu()
+    module.to(torch.float32)
+    assert watcher() is not None and torch.equal(layer(x), expected)
+    assert all(isinstance(m.weight, torch.nn.Parameter) for m in module.modules() if isinstance(m, Linear4bit))
