@@ -1,7 +1,8 @@
 """``Linear4bit``: an ``nn.Linear`` whose frozen weight is a :class:`Quantized4bitTensor`.
 
 Forward: ``y = x @ dequantize(W)^T + b`` in the input's dtype. Decode-size batches (at most
-:data:`FUSED_MAX_ROWS` rows, e.g. every generated token) take the fused
+:data:`FUSED_MAX_ROWS` rows, e.g. every generated token; :data:`FUSED_MAX_ROWS_BF16` for bf16
+products on a CPU with native bf16) take the fused
 ``lightning_qlora::linear_4bit`` op, which decodes the 4-bit codes in registers and never writes
 the float weight (5-10x faster than dequantize + ``F.linear`` at batch 1); bigger batches
 dequantize once and let BLAS multiply. The fused op accumulates in fp32 in another order, so
@@ -49,6 +50,14 @@ from lightning_qlora.quantization.tensor import Quantized4bitTensor, quantize_4b
 #: Largest batch (rows of ``x`` flattened to 2-D) that takes the fused GEMV; measured crossover
 #: with ``python -m lightning_qlora.bench kernels`` (its crossover table), the same limit as the C++ op's.
 FUSED_MAX_ROWS = 64
+
+#: The same limit when the layer multiplies in bf16 on a CPU with native bf16 (AVX512-BF16 / AMX):
+#: its bf16 BLAS is fast enough that dequantize + GEMM wins from ~8-16 rows on SmolLM2's shapes
+#: (2-2.7x faster than the fp32-accumulating fused GEMV at 32-50 rows, the main job's generation
+#: batch; measured on an AVX512-BF16 EPYC, see the README). Without native bf16, or in fp32, the
+#: crossover stays at :data:`FUSED_MAX_ROWS`.
+FUSED_MAX_ROWS_BF16 = 8
+_FAST_BF16: list[bool] = []  # cpu_has_fast_bf16(), read once
 
 
 #: :func:`matmul_dtype`'s override of each layer's ``compute_dtype``; unset outside it
@@ -103,10 +112,21 @@ def _weight_args(weight: Quantized4bitTensor) -> tuple[torch.Tensor, torch.Tenso
     return weight.packed, weight.block_absmax(), weight.code, weight.blocksize, list(weight.shape)
 
 
+def _fused_max_rows(x: torch.Tensor, dtype: torch.dtype | None) -> int:
+    """Most rows the fused GEMV takes for a product in ``dtype`` (``None``: ``x``'s) on ``x``'s device."""
+    if (dtype or x.dtype) != torch.bfloat16 or x.device.type != "cpu":
+        return FUSED_MAX_ROWS
+    if not _FAST_BF16:
+        from lightning_qlora.qlora import cpu_has_fast_bf16  # here: qlora imports this module
+
+        _FAST_BF16.append(cpu_has_fast_bf16())
+    return FUSED_MAX_ROWS_BF16 if _FAST_BF16[0] else FUSED_MAX_ROWS
+
+
 def _forward(
     x: torch.Tensor, weight: Quantized4bitTensor, bias: torch.Tensor | None, dtype: torch.dtype | None
 ) -> torch.Tensor:
-    if x.numel() <= FUSED_MAX_ROWS * x.shape[-1]:  # the fused GEMV accumulates in fp32 whatever the dtype
+    if x.numel() <= _fused_max_rows(x, dtype) * x.shape[-1]:  # the fused GEMV accumulates in fp32 whatever the dtype
         out = op("linear_4bit")(x, *_weight_args(weight))
         return out.add_(bias.to(out.dtype)) if bias is not None else out
     if dtype is None or dtype == x.dtype:
