@@ -102,7 +102,12 @@ class ConfigureModelModule(UserModule):
 
 
 def _fit(
-    module: L.LightningModule, method: str, max_steps: int, ckpt_path: str | None = None, callbacks: list | None = None
+    module: L.LightningModule,
+    method: str,
+    max_steps: int,
+    ckpt_path: str | None = None,
+    callbacks: list | None = None,
+    **trainer_kwargs: object,
 ) -> L.LightningModule:
     L.seed_everything(0)
     plugin = NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=METHODS[method])
@@ -118,6 +123,7 @@ def _fit(
         enable_checkpointing=checkpointing,
         plugins=[plugin],
         callbacks=[*extra, *(callbacks or [])],
+        **trainer_kwargs,
     )
     trainer.fit(module, ckpt_path=ckpt_path)
     return module
@@ -351,20 +357,9 @@ def test_fit_under_the_pytorch_profiler_with_shapes_and_moves_with_a_weakref_to_
 
     from lightning_qlora.quantization.linear import Linear4bit
 
-    L.seed_everything(0)
-    module = UserModule()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=METHODS["lora"])],
-        profiler=PyTorchProfiler(dirpath=tmp_path, filename="profile", record_shapes=True),
+    module = _fit(  # teardown calls module.cpu()
+        UserModule(), "lora", 2, profiler=PyTorchProfiler(dirpath=tmp_path, filename="profile", record_shapes=True)
     )
-    trainer.fit(module)  # teardown calls module.cpu()
     assert len(module.losses) == 2
     layer = next(m for m in module.modules() if isinstance(m, Linear4bit))
     watcher = weakref.ref(layer.weight)
