@@ -223,7 +223,7 @@ class PagedLlama:
         # (n, Q, Hkv * G, d) -> (n, Hkv, G * Q, d): query row g * Q + t of K/V head j is head j * G + g at t
         grouped = queries.view(rows, plan.max_queries, self.num_kv_heads, groups, self.head_dim)
         grouped = grouped.permute(0, 2, 3, 1, 4).reshape(rows, self.num_kv_heads, -1, self.head_dim)
-        mask = plan.grouped_mask(self.windows[layer], groups)
+        mask = plan.mask if self.windows[layer] is None else plan.window_mask(self.windows[layer])
         out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=self.scaling)
         out = out.view(rows, self.num_kv_heads, groups, plan.max_queries, self.head_dim).permute(0, 3, 1, 2, 4)
         out = out.reshape(rows * plan.max_queries, self.num_heads * self.head_dim)
@@ -279,12 +279,11 @@ class _StepPlan:
     read_pages: torch.Tensor  # (n, L, blocks) padded page tables
     query_rows: torch.Tensor  # (N,) row of each token in the padded (n * Qmax) query batch
     last_rows: torch.Tensor  # (n,) flat row of each sequence's last token
-    mask: torch.Tensor  # (n, 1, Qmax, Kmax) bool
+    mask: torch.Tensor  # (n, 1, G * Qmax, Kmax) bool, rows as the grouped queries of _attention
     max_queries: int
     max_keys: int
-    query_positions: torch.Tensor  # (n, 1, Qmax, 1) position of each padded query
+    query_positions: torch.Tensor  # (n, 1, G * Qmax, 1) position of each padded (grouped) query
     _window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
-    _grouped_masks: dict[tuple[int | None, int], torch.Tensor] = field(default_factory=dict)
 
     def window_mask(self, window: int) -> torch.Tensor:
         """The causal mask that also hides keys at ``position <= query - window`` (transformers' rule)."""
@@ -292,14 +291,6 @@ class _StepPlan:
             keys = torch.arange(self.max_keys).view(1, 1, 1, -1)
             self._window_masks[window] = self.mask & (keys > self.query_positions - window)
         return self._window_masks[window]
-
-    def grouped_mask(self, window: int | None, groups: int) -> torch.Tensor:
-        """``(n, 1, groups * Qmax, Kmax)``: the (windowed) mask once per query head of a K/V group."""
-        key = (window, groups)
-        if key not in self._grouped_masks:
-            mask = self.mask if window is None else self.window_mask(window)
-            self._grouped_masks[key] = mask if groups == 1 else mask.repeat(1, 1, groups, 1)
-        return self._grouped_masks[key]
 
     @staticmethod
     def build(sequences: list[SequenceStep], runner: PagedLlama) -> _StepPlan:
@@ -325,7 +316,9 @@ class _StepPlan:
         key_index = torch.arange(max_keys)
         query_index = torch.arange(max_queries)
         past = torch.tensor([s.past for s in sequences]).view(-1, 1, 1)
-        query_positions = past + query_index.view(1, -1, 1)  # (n, Qmax, 1)
+        # (n, G * Qmax, 1): the attention's query rows, the G query heads of a K/V group one after another
+        groups = runner.num_heads // runner.num_kv_heads
+        query_positions = (past + query_index.view(1, -1, 1)).repeat(1, groups, 1)
         mask = (key_index.view(1, 1, -1) <= query_positions).unsqueeze(1)
         last_rows = torch.tensor(lengths).cumsum(0) - 1
         return _StepPlan(

@@ -134,9 +134,7 @@ class PrefixCache:
                 if existing is not None:
                     parent = existing
                     continue
-                pages = [int(p) for p in page_table[:, index].tolist()]
-                if not own.issuperset(pages):  # not this request's to give (cannot happen: defensive)
-                    break
+                pages = page_table[:, index].tolist()  # past the reused chain: the request's own pages
                 self.pool.reassign(pages, PREFIX_OWNER)
                 own.difference_update(pages)
                 block = CachedBlock(next(self._uids), key, pages, adapter, refs=1)
