@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,7 +58,6 @@ FUSED_MAX_ROWS = 64
 #: batch; measured on an AVX512-BF16 EPYC, see the README). Without native bf16, or in fp32, the
 #: crossover stays at :data:`FUSED_MAX_ROWS`.
 FUSED_MAX_ROWS_BF16 = 8
-_FAST_BF16: list[bool] = []  # cpu_has_fast_bf16(), read once
 
 
 #: :func:`matmul_dtype`'s override of each layer's ``compute_dtype``; unset outside it
@@ -116,11 +116,15 @@ def _fused_max_rows(x: torch.Tensor, dtype: torch.dtype | None) -> int:
     """Most rows the fused GEMV takes for a product in ``dtype`` (``None``: ``x``'s) on ``x``'s device."""
     if (dtype or x.dtype) != torch.bfloat16 or x.device.type != "cpu":
         return FUSED_MAX_ROWS
-    if not _FAST_BF16:
-        from lightning_qlora.qlora import cpu_has_fast_bf16  # here: qlora imports this module
+    return FUSED_MAX_ROWS_BF16 if _cpu_has_fast_bf16() else FUSED_MAX_ROWS
 
-        _FAST_BF16.append(cpu_has_fast_bf16())
-    return FUSED_MAX_ROWS_BF16 if _FAST_BF16[0] else FUSED_MAX_ROWS
+
+@functools.cache
+def _cpu_has_fast_bf16() -> bool:
+    """:func:`lightning_qlora.qlora.cpu_has_fast_bf16`, read once (imported here: qlora imports this module)."""
+    from lightning_qlora.qlora import cpu_has_fast_bf16
+
+    return cpu_has_fast_bf16()
 
 
 def _forward(
@@ -237,15 +241,13 @@ class Linear4bit(nn.Module):
         weight = self._parameters.pop("weight")
         try:
             super()._apply(fn, recurse)
-            applied = fn(weight) if weight is not None else None
-            if applied is not None and applied is not weight:
+            applied = fn(weight)
+            if applied is not weight:
                 weight = nn.Parameter(applied, requires_grad=False)
         finally:  # the weight back in its place (parameter order as before)
-            rest = dict(self._parameters)
+            rest = dict(self._parameters, weight=weight)
             self._parameters.clear()
-            for name in order:
-                self._parameters[name] = weight if name == "weight" else rest.pop(name)
-            self._parameters.update(rest)
+            self._parameters.update((name, rest[name]) for name in order)
         return self
 
     def extra_repr(self) -> str:

@@ -89,11 +89,10 @@ def test_bf16_decode_forward_returns_bf16_close_to_the_float_product():
 def test_bf16_products_leave_the_fused_gemv_above_8_rows_on_a_cpu_with_native_bf16(fast_bf16, monkeypatch):
     """Measured on an AVX512-BF16 CPU: bf16 BLAS beats the fp32-accumulating fused GEMV from ~8-16 rows
     (2-2.7x at 32-50, the main job's generation batch); without native bf16 the fp32 limit holds."""
-    import lightning_qlora.quantization.linear as linear
-
+    from lightning_qlora.quantization import linear
     from lightning_qlora.quantization.linear import FUSED_MAX_ROWS_BF16
 
-    monkeypatch.setattr(linear, "_FAST_BF16", [fast_bf16])
+    monkeypatch.setattr(linear, "_cpu_has_fast_bf16", lambda: fast_bf16)
     torch.manual_seed(0)
     layer = Linear4bit.from_linear(nn.Linear(128, 96), compute_dtype=torch.bfloat16)
     small, medium = torch.randn(FUSED_MAX_ROWS_BF16, 128), torch.randn(FUSED_MAX_ROWS_BF16 + 8, 128)
