@@ -107,10 +107,11 @@ def _fit(
     max_steps: int,
     ckpt_path: str | None = None,
     callbacks: list | None = None,
+    compute_dtype: str = "fp32",
     **trainer_kwargs: object,
 ) -> L.LightningModule:
     L.seed_everything(0)
-    plugin = NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=METHODS[method])
+    plugin = NF4Precision(mode="nf4-dq", compute_dtype=compute_dtype, adapter=METHODS[method])
     extra = CALLBACKS.get(method, list)()
     checkpointing = any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks or [])
     trainer = L.Trainer(
@@ -319,18 +320,7 @@ def test_a_plain_module_and_fabric_train_with_bf16_4bit_matmuls_on_cpu(monkeypat
     from lightning_qlora.quantization import Linear4bit
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    module = UserModule()
-    L.seed_everything(0)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=4,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        plugins=[NF4Precision(mode="nf4-dq", compute_dtype="bf16", adapter=METHODS["lora"])],
-    )
-    trainer.fit(module)
+    module = _fit(UserModule(), "lora", 4, compute_dtype="bf16")
     fabric = L.Fabric(
         accelerator="cpu",
         devices=1,
