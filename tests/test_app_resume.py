@@ -88,6 +88,21 @@ def _tensorboard_steps(directory: Path, tag: str) -> list[int]:
     return steps
 
 
+def test_a_resume_started_in_the_same_second_keeps_the_first_sessions_event_file(tmp_path, monkeypatch):
+    """tensorboardX names an event file by the second it opens and opens it for writing: a resumed
+    session starting within that second (a fast machine, a crash on start) truncated the first one's."""
+    import types
+
+    from tensorboardX import event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1796324481.25))
+    board = tmp_path / "tb"
+    run(_compose([*QUIET, "logger=tensorboard", "trainer.max_steps=4"], board))
+    run(_compose([*QUIET, "logger=tensorboard", "trainer.max_steps=6", "ckpt_path=last"], board))
+    assert len(list((board / "tensorboard").glob("events.out.tfevents.1796324481.*"))) == 2
+    assert sorted(_tensorboard_steps(board / "tensorboard", "train/loss")) == list(range(6))
+
+
 def test_tensorboard_and_wandb_continue_the_run_on_resume(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     board, wandb_dir = tmp_path / "tb", tmp_path / "wandb"

@@ -1,4 +1,6 @@
-"""A CSV logger that continues its run's ``metrics.csv`` on resume instead of deleting it.
+"""Loggers that continue a run's history on resume instead of deleting or overwriting it.
+
+:class:`ContinuingCSVLogger`:
 
 Lightning's ``CSVLogger`` removes an existing ``metrics.csv`` when it starts ("Previous log files
 in this directory will be deleted"), so a run resumed with ``ckpt_path=last`` in its own run dir
@@ -6,6 +8,12 @@ loses the history of the steps before the checkpoint. :class:`ContinuingCSVLogge
 logged before the resumed run's first logged step and appends after them; rows at that step or
 later (logged by an interrupted run after its last checkpoint, and logged again now) are replaced,
 so no step appears twice.
+
+:class:`SessionTensorBoardLogger`: tensorboardX names an event file
+``events.out.tfevents.<second>.<host>`` and opens it for writing, so a resumed session that starts
+within the same second as the one before it (a fast machine, a crash right after start) truncated
+the earlier session's file. Each session of this logger writes its own file (pid and a counter in
+the suffix); TensorBoard reads all the files of the directory as one run.
 
 Example:
     >>> logger = ContinuingCSVLogger(save_dir="runs/x", name="logs", version="")
@@ -16,9 +24,11 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
+import os
 from typing import Any
 
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from typing_extensions import override
@@ -72,3 +82,18 @@ class ContinuingCSVLogger(CSVLogger):
         self._fs.makedirs(self.root_dir, exist_ok=True)
         self._experiment = _ContinuingExperimentWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+#: numbers the loggers of this process, so two sessions in one process and second differ too
+_SESSIONS = itertools.count()
+
+
+class SessionTensorBoardLogger(TensorBoardLogger):
+    """``TensorBoardLogger`` (same arguments) that never overwrites an earlier session's event file.
+
+    Unless ``filename_suffix`` is given, each logger's event file ends in ``.<pid>.<n>``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("filename_suffix", f".{os.getpid()}.{next(_SESSIONS)}")
+        super().__init__(*args, **kwargs)
