@@ -119,7 +119,8 @@ def test_tensorboard_and_wandb_continue_the_run_on_resume(tmp_path, monkeypatch)
     assert wandb.run is None
     (first,) = (wandb_dir / "wandb").glob("offline-run-*")
     run(_compose([*QUIET, "logger=wandb", "trainer.max_steps=3", "ckpt_path=last"], wandb_dir))
-    # offline, W&B writes each session to its own directory; a continued run keeps the run id (`wandb sync` joins them)
+    # offline, W&B writes each session to offline-run-<second>-<run id> (two sessions within one second share
+    # it); a continued run keeps the run id (`wandb sync` joins them)
     runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and first in runs
+    assert first in runs and len(runs) in (1, 2)
     assert {path.name.rsplit("-", 1)[-1] for path in runs} == {first.name.rsplit("-", 1)[-1]}
