@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import time
 import types
 import uuid
@@ -51,6 +52,27 @@ from lightning_qlora.serving.handles import RequestHandle
 from lightning_qlora.serving.sampling import SamplingParams
 
 MODELS = ("tiny", "smollm2")
+#: pages in the server's pool by default: 192 MB of float32 pages of 1536 floats for SmolLM2, which
+#: hold the four rank 8-32 adapters of ``benchmarks/serving.py`` (one of them on every Linear) and the
+#: KV cache of a full batch without evicting (8192 pages reloaded adapters 13-15 times per run)
+DEFAULT_NUM_PAGES = 32768
+
+
+def default_server_threads() -> int:
+    """The engine's torch threads when ``threads`` is not given: one per usable core, less one, at least 1.
+
+    The engine is not alone: LitServe's HTTP process (parsing, SSE, the hand-off between processes)
+    and the tokenizer run beside it. An engine that takes every core makes them wait for one, and
+    its small per-layer ops pay more to wake the extra thread than it saves: on a 2-core machine
+    ``threads=2`` decodes slower than ``threads=1`` (see the README's serving figures).
+    Usable cores are the process's CPU affinity where the OS reports one (a container or ``taskset``
+    may allow fewer than ``os.cpu_count()``).
+    """
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 @dataclass(frozen=True)
@@ -60,20 +82,21 @@ class ServerConfig:
     Attributes:
         adapters_dir: directory of adapter sub-directories (ours or PEFT's).
         model: ``"smollm2"`` (SmolLM2-135M-Instruct) or ``"tiny"`` (tests).
-        num_pages / page_size: the page pool (``page_size`` None = the longest factor row).
+        num_pages / page_size: the page pool (``page_size`` None = the longest factor row); the
+            default, :data:`DEFAULT_NUM_PAGES`, holds the benchmark's four adapters and a full batch.
         max_batch_size: most requests decoding together.
         max_prompt_tokens: longer prompts get 413 (None = the model's context).
         blocksize / double_quant: NF4 quantization of the base.
-        threads: CPU threads of the server's engine (``torch.set_num_threads``; None = torch's
-            default, one per core). A single stream decodes faster on 1 thread on a 2-core machine
-            (the small per-layer ops pay more to wake a second thread than it saves; see the README).
+        threads: CPU threads of the server's engine (``torch.set_num_threads``; None =
+            :func:`default_server_threads`, one per core less one for the HTTP front end, so 1 on
+            a 2-core machine, where a single stream decodes faster on 1 thread than on 2).
         prefix_caching: reuse the KV pages of prompt blocks an earlier request with the same adapter
             started with (the chat template and system prompt); see ``serving/prefix_cache.py``.
     """
 
     adapters_dir: str
     model: str = "smollm2"
-    num_pages: int = 8192
+    num_pages: int = DEFAULT_NUM_PAGES
     page_size: int | None = None
     max_batch_size: int = 16
     max_prompt_tokens: int | None = None
@@ -106,8 +129,7 @@ class ServerConfig:
         from lightning_qlora.models.tiny import load_tiny_llama
         from lightning_qlora.quantization.convert import quantize_linears
 
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads if self.threads is not None else default_server_threads())
         model, tokenizer = load_tiny_llama() if self.model == "tiny" else load_smollm2()
         quantize_linears(model, "nf4", self.blocksize, self.double_quant)
         return GenerationEngine(

@@ -36,9 +36,9 @@ GRACE_SECONDS = 15.0
 
 USAGE = (
     "usage: lightning-qlora serve adapters_dir=DIR [host=127.0.0.1] [port=8000] [model=smollm2|tiny] "
-    "[num_pages=8192] [page_size=N] [max_batch_size=16] [max_prompt_tokens=N] [max_body_bytes=2097152] "
-    "[max_prompt_chars=131072] [max_messages=1024] [max_queue_wait_s=60] [threads=N] [prefix_caching=true] "
-    "[log_level=info]"
+    "[num_pages=32768] [page_size=N] [max_batch_size=16] [max_prompt_tokens=N] [max_body_bytes=2097152] "
+    "[max_prompt_chars=131072] [max_messages=1024] [max_queue_wait_s=60] [threads=N (default: cores - 1)] "
+    "[prefix_caching=true] [log_level=info]"
 )
 
 
