@@ -102,11 +102,17 @@ def _quantize_blockwise_8bit(
 
 
 def _dequantize_blockwise_8bit(
-    extension: Any, codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
+    extension: Any,
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    dtype: torch.dtype,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     check_output_dtype(dtype)
-    check_dequantize_8bit_args(codes, absmax, code, blocksize)
-    return extension.dequantize_blockwise_8bit(codes, absmax, code, blocksize, dtype)
+    check_dequantize_8bit_args(codes, absmax, code, blocksize, offset)
+    return extension.dequantize_blockwise_8bit(codes, absmax, code, blocksize, dtype, offset)
 
 
 def _linear_4bit(

@@ -215,15 +215,23 @@ def quantize_blockwise_8bit(
 
 
 def dequantize_blockwise_8bit(
-    codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    dtype: torch.dtype,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reference for ``lightning_qlora::dequantize_blockwise_8bit``: ``code[q] * absmax``, then cast."""
+    """Reference for ``lightning_qlora::dequantize_blockwise_8bit``: ``code[q] * absmax`` (``+ offset``), then cast."""
     check_output_dtype(dtype)
-    check_dequantize_8bit_args(codes, absmax, code, blocksize)
+    check_dequantize_8bit_args(codes, absmax, code, blocksize, offset)
     n = codes.numel()
     values = code.to(codes.device)[codes.reshape(-1).long()]
     scale = absmax.repeat_interleave(blocksize)[:n]
-    return (values * scale).to(dtype).reshape(codes.shape)
+    decoded = values * scale
+    if offset is not None:  # added to the rounded product, as bitsandbytes' dequantize-then-add
+        decoded = decoded + offset.to(decoded.device).reshape(())
+    return decoded.to(dtype).reshape(codes.shape)
 
 
 def linear_4bit(

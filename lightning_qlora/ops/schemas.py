@@ -15,7 +15,9 @@ Ops (all functional, no mutation):
 * ``dequantize_4bit(packed, absmax, code, blocksize, shape, dtype) -> Tensor[shape]``
 * ``quantize_blockwise_8bit(A, code, blocksize, seed=None) -> (codes, absmax)``
     ``code`` the 256-entry sorted codebook; ``codes`` uint8 with ``A``'s shape.
-* ``dequantize_blockwise_8bit(codes, absmax, code, blocksize, dtype) -> Tensor``
+* ``dequantize_blockwise_8bit(codes, absmax, code, blocksize, dtype, offset=None) -> Tensor``
+    ``code[codes] * absmax[block]`` (rounded to float32), ``+ offset`` (a float32 scalar tensor) when
+    given, then cast to ``dtype``: with ``offset`` it decodes a double-quantized absmax in one pass.
 * ``linear_4bit(x, packed, absmax, code, blocksize, shape) -> Tensor``
     ``x (..., in) @ W^T -> (..., out)`` for the 4-bit weight ``W`` of ``shape = (out, in)``
     (``absmax`` already float32, i.e. after undoing double quantization); accumulated in
@@ -62,7 +64,7 @@ _SCHEMAS = {
     ),
     "quantize_blockwise_8bit": "(Tensor A, Tensor code, int blocksize, int? seed=None) -> (Tensor, Tensor)",
     "dequantize_blockwise_8bit": (
-        "(Tensor codes, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor"
+        "(Tensor codes, Tensor absmax, Tensor code, int blocksize, ScalarType dtype, Tensor? offset=None) -> Tensor"
     ),
     "linear_4bit": "(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, SymInt[] shape) -> Tensor",
     "linear_4bit_input_grad": (
@@ -123,10 +125,17 @@ def check_dequantize_4bit_args(
         )
 
 
-def check_dequantize_8bit_args(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> None:
+def check_dequantize_8bit_args(
+    codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor | None = None
+) -> None:
     """Validate an 8-bit blockwise dequantization."""
     check_block_size(blocksize, BLOCK_SIZES_8BIT)
     check_codebook(code, 256)
+    if offset is not None and (offset.dtype != torch.float32 or offset.numel() != 1):
+        raise ShapeMismatchError(
+            f"offset must be one float32 value (the mean a double-quantized absmax was stored around), got "
+            f"{offset.dtype} of shape {tuple(offset.shape)}."
+        )
     if codes.dtype != torch.uint8:
         raise ShapeMismatchError(f"8-bit codes must be uint8, got {codes.dtype}.")
     if absmax.dtype != torch.float32 or absmax.numel() != num_blocks(codes.numel(), blocksize):
@@ -264,10 +273,15 @@ def _quantize_8bit_fake(
 
 @torch.library.register_fake(qualified_name("dequantize_blockwise_8bit"))
 def _dequantize_8bit_fake(
-    codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    dtype: torch.dtype,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     check_output_dtype(dtype)
-    check_dequantize_8bit_args(codes, absmax, code, blocksize)
+    check_dequantize_8bit_args(codes, absmax, code, blocksize, offset)
     return codes.new_empty(codes.shape, dtype=dtype)
 
 

@@ -24,7 +24,10 @@ def _samples(name: str) -> list[tuple]:
             (packed, absmax, nf4, 64, [777], torch.bfloat16),
         ],
         "quantize_blockwise_8bit": [(x32, dyn, 256, None), (x16, dyn, 64, 3)],
-        "dequantize_blockwise_8bit": [(codes, absmax8, dyn, 256, torch.float16)],
+        "dequantize_blockwise_8bit": [
+            (codes, absmax8, dyn, 256, torch.float16),
+            (codes, absmax8, dyn, 256, torch.float32, torch.tensor(0.25)),
+        ],
         "linear_4bit": [
             (torch.randn(3, 21), *weight_odd),
             (torch.randn(2, 5, 21, dtype=torch.bfloat16), *weight_odd),

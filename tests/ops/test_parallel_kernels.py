@@ -125,9 +125,10 @@ def test_the_compiled_8bit_pair_is_bit_exact_with_the_reference(extension, dtype
     assert torch.equal(codes, expected_codes)
     assert torch.equal(absmax.nan_to_num(-1.0), expected_absmax.nan_to_num(-1.0))
     for out in (torch.float32, torch.bfloat16):
-        got = op("dequantize_blockwise_8bit")(codes, absmax, code, blocksize, out)
-        want = reference.dequantize_blockwise_8bit(codes, absmax, code, blocksize, out)
-        assert got.dtype == out and torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0))
+        for offset in (None, torch.tensor(0.3712)):  # the offset a double-quantized absmax decodes with
+            got = op("dequantize_blockwise_8bit")(codes, absmax, code, blocksize, out, offset)
+            want = reference.dequantize_blockwise_8bit(codes, absmax, code, blocksize, out, offset)
+            assert got.dtype == out and torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0))
 
 
 def _policy(code: str, env: dict[str, str]) -> str:

@@ -89,18 +89,21 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit(const at::Tensor& inp
 }
 
 at::Tensor dequantize_blockwise_8bit(const at::Tensor& codes_in, const at::Tensor& absmax_in, const at::Tensor& code_in,
-                                     int64_t blocksize, at::ScalarType dtype) {
+                                     int64_t blocksize, at::ScalarType dtype, const c10::optional<at::Tensor>& offset_in) {
   const int64_t n = codes_in.numel();
   TORCH_CHECK(codes_in.scalar_type() == at::kByte, "codes must be uint8");
   TORCH_CHECK(absmax_in.scalar_type() == at::kFloat && absmax_in.numel() == (n + blocksize - 1) / blocksize, "absmax size");
   TORCH_CHECK(code_in.scalar_type() == at::kFloat && code_in.numel() == 256, "codebook must be 256 float32 values");
+  TORCH_CHECK(!offset_in.has_value() || (offset_in->scalar_type() == at::kFloat && offset_in->numel() == 1),
+              "offset must be one float32 value");
   follow_torch_threads();
   auto codes = codes_in.contiguous();
   auto absmax = absmax_in.contiguous();
   auto code = code_in.contiguous();
+  const float offset = offset_in.has_value() ? offset_in->item<float>() : 0.0f;
   auto out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
   lq::cpu::dequantize_blockwise_8bit(codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code.data_ptr<float>(), n,
-                                     blocksize, out.data_ptr<float>());
+                                     blocksize, offset_in.has_value() ? &offset : nullptr, out.data_ptr<float>());
   return dtype == at::kFloat ? out : out.to(dtype);
 }
 

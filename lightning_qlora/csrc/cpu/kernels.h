@@ -27,8 +27,10 @@ void quantize_blockwise_8bit(const float* input, int64_t n, int64_t blocksize, c
                              float* absmax);
 
 // code[codes[i]] * absmax[i / blocksize] in float32.
+// output[i] = code[codes[i]] * absmax[i / blocksize] (+ *offset, added after the product is rounded;
+// offset may be null): the double-quantized absmax of a 4-bit weight decodes in this one pass.
 void dequantize_blockwise_8bit(const uint8_t* codes, const float* absmax, const float* code, int64_t n,
-                               int64_t blocksize, float* output);
+                               int64_t blocksize, const float* offset, float* output);
 
 }  // namespace cpu
 }  // namespace lightning_qlora
