@@ -1,10 +1,14 @@
 """NF4 kernel speed on one weight, idle and beside busy processes: ours (raw ops and the user path), bitsandbytes, MKL dense.
 
 Run ``python -m lightning_qlora.bench kernels [--contention N] [--size S] [--repeats R]``. Every
-row is timed at 1 and 2 threads (median of ``R`` calls after a warm-up, :func:`median_ms`), first on the machine as
-it is ("idle"), then, with ``--contention N``, again while ``N`` busy processes (pure Python spin
-loops) run beside the benchmark. The busy processes are bounded (at most 16, each exits by
-itself after 30 minutes) and always stopped at the end, also on an error or Ctrl-C.
+row is timed at 1 and 2 threads on the machine as it is ("idle") and, with ``--contention N``,
+while ``N`` busy processes (pure Python spin loops) run beside the benchmark. The settings are
+interleaved: a row is timed in :data:`ROUNDS` rounds, each visiting every (phase, threads)
+setting in turn (the busy processes are paused with SIGSTOP for the idle phase and resumed with
+SIGCONT), each visit a short warm-up and then ``R / ROUNDS`` timed calls; a setting's figure is the
+median of all its calls. So a slow spell of the (shared, noisy) machine lands on every setting
+alike instead of on whichever table was being timed then. The busy processes are bounded (at most
+16, each exits by itself after 30 minutes) and always stopped at the end, also on an error or Ctrl-C.
 
 Rows go through the user path too: ``Linear4bit`` forward at decode and training batch sizes,
 its backward's input gradient, and the plugin's conversion of one ``nn.Linear``
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import statistics
 import subprocess
 import sys
@@ -50,6 +55,35 @@ class Row:
 #: Warm-up before a row is timed: up to this many calls, or this many seconds, at least one call.
 WARMUP_CALLS, WARMUP_SECONDS = 12, 0.5
 
+#: Warm-up at each visit of an interleaved setting (a new phase or thread count): shorter, the
+#: row's first visit having done the long one.
+VISIT_WARMUP_CALLS, VISIT_WARMUP_SECONDS = 6, 0.2
+
+#: Interleaved rounds per row (see the module docs).
+ROUNDS = 3
+
+#: Two medians closer than this (relative) are the same time on this machine: two settings that
+#: run the same code (a loop site that chose one thread) differ by that much from call noise alone.
+SAME_TIME = 0.03
+
+
+def _warm_up(fn: Callable[[], object], calls: int, seconds: float) -> None:
+    fn()
+    deadline = time.perf_counter() + seconds
+    for _ in range(calls - 1):
+        if time.perf_counter() > deadline:
+            break
+        fn()
+
+
+def _timed_ms(fn: Callable[[], object], calls: int) -> list[float]:
+    times = []
+    for _ in range(max(1, calls)):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``fn`` in ms after a warm-up.
@@ -60,26 +94,30 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
     first call would time the trial calls instead of the steady state a training step or a
     generation sees.
     """
-    fn()
-    deadline = time.perf_counter() + WARMUP_SECONDS
-    for _ in range(WARMUP_CALLS - 1):
-        if time.perf_counter() > deadline:
-            break
-        fn()
-    times = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    _warm_up(fn, WARMUP_CALLS, WARMUP_SECONDS)
+    return statistics.median(_timed_ms(fn, repeats))
+
+
+class BusyProcesses(list):
+    """The spinning processes of :func:`busy_processes`; :meth:`pause` / :meth:`resume` switch the contention off and on."""
+
+    def pause(self) -> None:
+        """Stop every busy process (SIGSTOP): the machine is idle until :meth:`resume`."""
+        for process in self:
+            process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let every busy process spin again (SIGCONT)."""
+        for process in self:
+            process.send_signal(signal.SIGCONT)
 
 
 @contextlib.contextmanager
-def busy_processes(count: int) -> Iterator[list[subprocess.Popen]]:
+def busy_processes(count: int) -> Iterator[BusyProcesses]:
     """``count`` spinning Python processes for the duration of the block; always stopped after it."""
     if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_BUSY:
         raise ConfigError(f"--contention {count!r} must be an integer from 0 to {MAX_BUSY} (busy processes).")
-    processes: list[subprocess.Popen] = []
+    processes = BusyProcesses()
     try:
         for _ in range(count):
             processes.append(
@@ -94,6 +132,7 @@ def busy_processes(count: int) -> Iterator[list[subprocess.Popen]]:
         yield processes
     finally:
         for process in processes:
+            process.send_signal(signal.SIGCONT)  # a paused process would not act on SIGTERM until resumed
             process.terminate()
         for process in processes:
             try:
@@ -176,17 +215,38 @@ def build_rows(size: int) -> list[Row]:
     return rows
 
 
-def time_rows(rows: list[Row], phase: str, repeats: int) -> None:
-    """Fill ``row.times[(phase, threads)]`` for every row and thread count."""
+def time_rows(rows: list[Row], repeats: int, busy: BusyProcesses | None = None) -> None:
+    """Fill ``row.times[(phase, threads)]`` for every row, phase (``"idle"``, and ``"busy"`` with ``busy``) and thread count.
+
+    Interleaved (see the module docs): per row, :data:`ROUNDS` rounds over every setting, the order
+    reversed every other round; ``busy`` is paused for the idle phase and resumed for the busy one.
+    """
     previous = torch.get_num_threads()
+    phases = ("idle", "busy") if busy is not None else ("idle",)
+    settings = [(phase, threads) for phase in phases for threads in THREADS]
     try:
-        for threads in THREADS:
-            torch.set_num_threads(threads)
-            with torch.no_grad():
-                for row in rows:
-                    row.times[(phase, threads)] = median_ms(row.fn, max(3, int(repeats * row.repeats_scale)))
+        with torch.no_grad():
+            for row in rows:
+                calls = max(1, round(max(3, int(repeats * row.repeats_scale)) / ROUNDS))
+                samples: dict[tuple[str, int], list[float]] = {setting: [] for setting in settings}
+                for round_index in range(ROUNDS):
+                    for phase, threads in settings if round_index % 2 == 0 else reversed(settings):
+                        if busy is not None:
+                            busy.pause() if phase == "idle" else busy.resume()
+                        torch.set_num_threads(threads)
+                        first = round_index == 0 and (phase, threads) == settings[0]
+                        _warm_up(
+                            row.fn,
+                            WARMUP_CALLS if first else VISIT_WARMUP_CALLS,
+                            WARMUP_SECONDS if first else VISIT_WARMUP_SECONDS,
+                        )
+                        samples[(phase, threads)] += _timed_ms(row.fn, calls)
+                for setting, times in samples.items():
+                    row.times[setting] = statistics.median(times)
     finally:
         torch.set_num_threads(previous)
+        if busy is not None:
+            busy.resume()
 
 
 def crossover(
@@ -249,23 +309,22 @@ def report(rows: list[Row], contention: int) -> list[str]:
         f"  input grad: dequantize + matmul / ours: "
         f"{_ratio(idle('dequantize + matmul, grad 512'), idle('input grad batch 512 (op)'))}",
     ]
+    ours = [row for row in rows if row.group in ("ours", "user path")]
     for phase in ("idle", "busy") if busy else ("idle",):
-        slower = [
-            row.name
-            for row in rows
-            if row.group in ("ours", "user path") and row.times[(phase, 2)] > row.times[(phase, 1)]
-        ]
-        lines.append(f"  {phase}: ours slower at 2 threads than at 1: {', '.join(slower) or 'none'}")
-    if busy:
-        worst = max(
-            (row for row in rows if row.group in ("ours", "user path")),
-            key=lambda row: row.times[("busy", 2)] / row.times[("idle", 2)],
+        ratios = {row.name.strip(): row.times[(phase, 2)] / row.times[(phase, 1)] for row in ours}
+        slower = [f"{name} {ratio:.2f}x" for name, ratio in ratios.items() if ratio > 1 + SAME_TIME]
+        tied = [f"{name} {ratio:.2f}x" for name, ratio in ratios.items() if 1 < ratio <= 1 + SAME_TIME]
+        lines.append(
+            f"  {phase}: ours slower at 2 threads than at 1: {', '.join(slower) or 'none'}"
+            + (f" (above by at most {SAME_TIME:.0%}, the timing noise: {', '.join(tied)})" if tied else "")
         )
-        dense = by_name["F.linear fp32 batch 1"]
+    if busy:
+        worst = max(ours, key=lambda row: row.times[("busy", 2)] / row.times[("idle", 2)])
+        dense = [row for row in rows if row.group == "MKL dense"]
         lines.append(
             f"  busy/idle at 2 threads: worst of ours {worst.name.strip()} "
-            f"{_ratio(worst.times[('busy', 2)], worst.times[('idle', 2)])} (target <= 2x); "
-            f"MKL dense batch 1 {_ratio(dense[('busy', 2)], dense[('idle', 2)])}"
+            f"{_ratio(worst.times[('busy', 2)], worst.times[('idle', 2)])} (target <= 2x); MKL dense, the yardstick: "
+            + ", ".join(f"{row.name.strip()} {_ratio(row.times[('busy', 2)], row.times[('idle', 2)])}" for row in dense)
         )
     return lines
 
@@ -297,14 +356,15 @@ def main(argv: list[str]) -> None:
     from lightning_qlora.ops import backend
 
     rows = build_rows(args.size)
-    time_rows(rows, "idle", args.repeats)
     cross = crossover(min(args.size, 4096), max(3, args.repeats))
     if args.contention:
-        with busy_processes(args.contention):
-            time_rows(rows, "busy", args.repeats)
+        with busy_processes(args.contention) as busy:
+            time_rows(rows, args.repeats, busy)
+    else:
+        time_rows(rows, args.repeats)
     print(
-        f"backend: {backend()}; {args.size}x{args.size} fp32 weight, NF4+DQ block 64, median ms of {args.repeats}; "
-        f"OpenMP wait policy: {_openmp.wait_policy()}"
+        f"backend: {backend()}; {args.size}x{args.size} fp32 weight, NF4+DQ block 64; median ms of about "
+        f"{args.repeats} calls per setting in {ROUNDS} interleaved rounds; OpenMP wait policy: {_openmp.wait_policy()}"
     )
     print("\n".join(report(rows, args.contention)))
     print("\nfused GEMV vs dequantize + F.linear, 2 threads, idle (ms):")

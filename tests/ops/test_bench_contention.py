@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 from lightning_qlora.bench import kernels
@@ -12,6 +15,28 @@ from lightning_qlora.errors import ConfigError
 def test_busy_processes_run_during_the_block_and_are_stopped_after_it():
     with kernels.busy_processes(2) as processes:
         assert len(processes) == 2 and all(p.poll() is None for p in processes)
+    assert all(p.poll() is not None for p in processes)
+
+
+def _state(process) -> str:
+    # /proc/<pid>/stat: "pid (comm) state ..."; the command name may hold spaces, the state follows the last ")"
+    with open(f"/proc/{process.pid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()[0]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads process states from /proc")
+def test_busy_processes_pause_for_the_idle_phase_and_resume_for_the_busy_one():
+    with kernels.busy_processes(2) as processes:
+        processes.pause()
+        deadline = time.monotonic() + 10
+        while any(_state(p) != "T" for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert all(_state(p) == "T" for p in processes)  # stopped: the machine is idle
+        processes.resume()
+        while any(_state(p) == "T" for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert all(_state(p) in ("R", "S") for p in processes)
+        processes.pause()  # left paused: they must still be stopped at the end
     assert all(p.poll() is not None for p in processes)
 
 
@@ -47,4 +72,4 @@ def test_the_benchmark_prints_idle_and_contended_tables_side_by_side(capsys):
         "F.linear fp32 batch 1",
     ):
         assert row in out
-    assert "MKL dense batch 1" in out and "OpenMP wait policy" in out and "fused GEMV vs dequantize" in out
+    assert "MKL dense, the yardstick:" in out and "F.linear fp32 batch 1 " in out and "OpenMP wait policy" in out and "fused GEMV vs dequantize" in out

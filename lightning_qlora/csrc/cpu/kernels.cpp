@@ -146,23 +146,31 @@ inline int64_t blocks_per_chunk(int64_t blocksize) { return blocksize >= 32768 ?
 LoopSite quantize_site, dequantize_site, quantize_8bit_site, dequantize_8bit_site;
 
 // body(block, start, end) for every block of n elements (the last may be partial), `per_chunk` blocks per chunk.
+// `variant`: what else sets a chunk's cost at this site (the element type), see parallel_for.
 template <typename Body>
-void for_each_block(LoopSite& site, int64_t n, int64_t blocksize, int64_t per_chunk, const Body& body) {
+void for_each_block(LoopSite& site, int64_t n, int64_t blocksize, int64_t per_chunk, const Body& body,
+                    int64_t variant = 0) {
   const int64_t blocks = (n + blocksize - 1) / blocksize;
-  parallel_for(site, blocks, per_chunk, [&](int64_t first, int64_t last) {
-    for (int64_t block = first; block < last; ++block) {
-      const int64_t start = block * blocksize;
-      body(block, start, start + blocksize < n ? start + blocksize : n);
-    }
-  });
+  parallel_for(
+      site, blocks, per_chunk,
+      [&](int64_t first, int64_t last) {
+        for (int64_t block = first; block < last; ++block) {
+          const int64_t start = block * blocksize;
+          body(block, start, start + blocksize < n ? start + blocksize : n);
+        }
+      },
+      variant);
 }
 
 template <FloatType T>
 void quantize_all(const void* input, int64_t n, const Codebook4& book, int64_t blocksize, bool stochastic,
                   uint64_t seed, uint8_t* packed, float* absmax) {
-  for_each_block(quantize_site, n, blocksize, blocks_per_chunk(blocksize), [&](int64_t block, int64_t start, int64_t end) {
-    quantize_block<T>(input, start, end, blocksize, book, stochastic, seed, packed, absmax + block);
-  });
+  for_each_block(
+      quantize_site, n, blocksize, blocks_per_chunk(blocksize),
+      [&](int64_t block, int64_t start, int64_t end) {
+        quantize_block<T>(input, start, end, blocksize, book, stochastic, seed, packed, absmax + block);
+      },
+      2 * static_cast<int64_t>(T) + (stochastic ? 1 : 0));
 }
 
 #ifdef __AVX512F__
@@ -207,21 +215,24 @@ inline int64_t dequantize_block_avx512(const uint8_t* packed, const __m512 book,
 template <FloatType T>
 void dequantize_all(const uint8_t* packed, const float* absmax, const float* codebook, int64_t n, int64_t blocksize,
                     void* output) {
-  for_each_block(dequantize_site, n, blocksize, blocks_per_chunk(blocksize), [&](int64_t block, int64_t start, int64_t end) {
-    const float scale = absmax[block];
-    // Blocks start at even indices (block sizes are even), so bytes never straddle blocks.
-    const int64_t pairs_end = start + ((end - start) & ~int64_t{1});
-    int64_t first = start;
+  for_each_block(
+      dequantize_site, n, blocksize, blocks_per_chunk(blocksize),
+      [&](int64_t block, int64_t start, int64_t end) {
+        const float scale = absmax[block];
+        // Blocks start at even indices (block sizes are even), so bytes never straddle blocks.
+        const int64_t pairs_end = start + ((end - start) & ~int64_t{1});
+        int64_t first = start;
 #ifdef __AVX512F__
-    first = dequantize_block_avx512<T>(packed, _mm512_loadu_ps(codebook), scale, start, pairs_end, output);
+        first = dequantize_block_avx512<T>(packed, _mm512_loadu_ps(codebook), scale, start, pairs_end, output);
 #endif
-    for (int64_t i = first; i < pairs_end; i += 2) {
-      const uint8_t byte = packed[i >> 1];
-      store<T>(output, i, codebook[byte >> 4] * scale);
-      store<T>(output, i + 1, codebook[byte & 0x0F] * scale);
-    }
-    if (pairs_end < end) store<T>(output, pairs_end, codebook[packed[pairs_end >> 1] >> 4] * scale);
-  });
+        for (int64_t i = first; i < pairs_end; i += 2) {
+          const uint8_t byte = packed[i >> 1];
+          store<T>(output, i, codebook[byte >> 4] * scale);
+          store<T>(output, i + 1, codebook[byte & 0x0F] * scale);
+        }
+        if (pairs_end < end) store<T>(output, pairs_end, codebook[packed[pairs_end >> 1] >> 4] * scale);
+      },
+      static_cast<int64_t>(T));
 }
 
 }  // namespace

@@ -115,15 +115,21 @@ void gemv_4bit(const float* x, int64_t rows, const uint8_t* packed, const float*
         }
     const Avx512Rows kernel = kAvx512ByRows[rows];
     // Dynamic chunks: if one core is busy with another process, the other takes over its rows.
-    parallel_for(gemv_site, out_features, rows_per_chunk(in_features), [&](int64_t begin, int64_t end) {
-      kernel(shuffled.data(), packed, absmax, codebook, begin, end, out_features, in_features, blocksize, y);
-    });
+    parallel_for(
+        gemv_site, out_features, rows_per_chunk(in_features),
+        [&](int64_t begin, int64_t end) {
+          kernel(shuffled.data(), packed, absmax, codebook, begin, end, out_features, in_features, blocksize, y);
+        },
+        rows);
     return;
   }
 #endif
-  parallel_for(gemv_site, out_features, rows_per_chunk(in_features), [&](int64_t begin, int64_t end) {
-    gemv_rows_scalar(x, rows, packed, absmax, codebook, begin, end, out_features, in_features, blocksize, y);
-  });
+  parallel_for(
+      gemv_site, out_features, rows_per_chunk(in_features),
+      [&](int64_t begin, int64_t end) {
+        gemv_rows_scalar(x, rows, packed, absmax, codebook, begin, end, out_features, in_features, blocksize, y);
+      },
+      rows);
 }
 
 namespace {
@@ -228,17 +234,19 @@ void compact_gemv(LoopSite& site, const Weight& w, bool vector_shapes, const flo
   }
 #ifdef __AVX512F__
   if (vector_shapes && in_features % 16 == 0) {
-    parallel_for(site, out_features, rows_per_chunk(in_features), [&](int64_t begin, int64_t end) {
-      compact_rows_avx512_any(w, x, rows, begin, end, out_features, in_features, y);
-    });
+    parallel_for(
+        site, out_features, rows_per_chunk(in_features),
+        [&](int64_t begin, int64_t end) { compact_rows_avx512_any(w, x, rows, begin, end, out_features, in_features, y); },
+        rows);
     return;
   }
 #else
   (void)vector_shapes;
 #endif
-  parallel_for(site, out_features, rows_per_chunk(in_features), [&](int64_t begin, int64_t end) {
-    compact_rows_scalar(w, x, rows, begin, end, out_features, in_features, y);
-  });
+  parallel_for(
+      site, out_features, rows_per_chunk(in_features),
+      [&](int64_t begin, int64_t end) { compact_rows_scalar(w, x, rows, begin, end, out_features, in_features, y); },
+      rows);
 }
 
 }  // namespace

@@ -1,10 +1,15 @@
 // See parallel.h. One process-wide pool of sleeping helper threads, started on first use.
 #include "parallel.h"
 
+#include <fcntl.h>
 #include <pthread.h>
+#include <unistd.h>
+
+#include <cstdio>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <atomic>
 #include <condition_variable>
 #include <mutex>
@@ -91,8 +96,9 @@ Pool* pool() {
 
 }  // namespace
 
-void run_loop(int threads, int64_t count, int64_t grain, int64_t chunks,
-              const std::function<void(int64_t, int64_t)>& body);
+// Runs the loop on `threads` threads (caller included); returns how many it could use.
+int run_loop(int threads, int64_t count, int64_t grain, int64_t chunks,
+             const std::function<void(int64_t, int64_t)>& body);
 
 int64_t helper_chunks() { return g_helper_chunks.load(std::memory_order_relaxed); }
 
@@ -115,54 +121,168 @@ struct SpinGuard {
 };
 }  // namespace
 
-double LoopSite::cost(int choice) const {
-  const int n = std::min(recorded_[choice], kSamples);
-  if (n == 0) return -1.0;
+bool ThreadChoice::fresh(int choice, int slot) const {
+  return at_[choice][slot] >= epoch_ && calls_ - at_[choice][slot] <= kStale;
+}
+
+int ThreadChoice::since_epoch(int choice) const {
+  int n = 0;
+  for (int i = 0; i < std::min(recorded_[choice], kSamples); ++i) n += at_[choice][i] >= epoch_ ? 1 : 0;
+  return n;
+}
+
+double ThreadChoice::cost(int choice) const {
+  const int held = std::min(recorded_[choice], kSamples);
+  if (held == 0) return -1.0;
+  // Fresh records only; with none fresh, the newest one stands in.
+  double sum = 0.0, slowest = 0.0;
+  int n = 0;
+  int newest = 0;
+  for (int i = 0; i < held; ++i) {
+    if (at_[choice][i] > at_[choice][newest]) newest = i;
+    if (!fresh(choice, i)) continue;
+    sum += seconds_[choice][i];
+    slowest = std::max(slowest, seconds_[choice][i]);
+    ++n;
+  }
+  if (n == 0) return seconds_[choice][newest];
   // The mean without the slowest record: a helper descheduled now and then (a busy machine)
   // costs the caller a whole wait each time, so the tail must count -- a median would hide a team
   // that is slow one call in three -- but one outlier (the pool's first start) must not decide.
-  double sum = 0.0, slowest = 0.0;
-  for (int i = 0; i < n; ++i) {
-    sum += samples_[choice][i];
-    slowest = std::max(slowest, samples_[choice][i]);
-  }
   return n == 1 ? sum : (sum - slowest) / (n - 1);
 }
 
-int LoopSite::pick(int threads) {
+void ThreadChoice::forget() {
+  epoch_ = calls_;
+  interval_ = kFirstInterval;
+  measuring_ = true;
+}
+
+int ThreadChoice::pick(int threads, int load_level) {
   if (threads <= 1) return 1;
-  SpinGuard guard(lock_);
   ++calls_;
-  if (recorded_[0] < kWarmup || recorded_[1] < kWarmup) {  // warm-up: alternate, team first
-    probing_ = false;
-    return recorded_[1] <= recorded_[0] ? threads : 1;
-  }
-  const int other = 1 - current_;
-  if (calls_ >= next_probe_) {  // after the warm-up both choices have records
-    probing_ = true;
-    next_probe_ = calls_ + interval_;
-    return other == 0 ? 1 : threads;
+  if (load_level != load_level_) {
+    if (load_level_ >= 0) forget();
+    load_level_ = load_level;
   }
   probing_ = false;
+  if (measuring_) {  // kWarmup calls of each since the start or the last change: alternate, fewer first
+    const int team = since_epoch(1), one = since_epoch(0);
+    const int choice = team == one ? current_ : (team < one ? 1 : 0);
+    return choice == 1 ? threads : 1;
+  }
+  if (calls_ >= next_probe_) {
+    probing_ = true;
+    next_probe_ = calls_ + interval_;
+    return current_ == 1 ? 1 : threads;  // the other choice
+  }
   return current_ == 0 ? 1 : threads;
 }
 
-void LoopSite::record(int threads, double seconds, int64_t chunks) {
+void ThreadChoice::record(int threads, double seconds, int64_t chunks) {
   const int choice = threads <= 1 ? 0 : 1;
-  const double per_chunk = seconds / static_cast<double>(std::max<int64_t>(1, chunks));
-  SpinGuard guard(lock_);
-  samples_[choice][recorded_[choice] % kSamples] = per_chunk;
+  const int slot = recorded_[choice] % kSamples;
+  seconds_[choice][slot] = seconds / static_cast<double>(std::max<int64_t>(1, chunks));
+  at_[choice][slot] = calls_;
   ++recorded_[choice];
-  if (recorded_[0] == 0 || recorded_[1] == 0) return;
   // A team must be clearly cheaper (kTeamMargin): on a tie -- a memory-bound loop such as
   // dequantize, where a second thread adds no bandwidth -- one thread wastes no core and never
   // waits for a descheduled helper.
-  const int best = cost(1) < LoopSite::kTeamMargin * cost(0) ? 1 : 0;
-  if (probing_ && choice != current_) interval_ = best == choice ? 8 : std::min(interval_ * 2, kMaxInterval);
-  current_ = best;
+  auto best = [&] { return cost(1) < kTeamMargin * cost(0) ? 1 : 0; };
+  if (measuring_) {
+    if (since_epoch(0) < kWarmup || since_epoch(1) < kWarmup) return;
+    measuring_ = false;
+    current_ = best();
+    settled_cost_ = cost(current_);
+    next_probe_ = calls_ + interval_;
+    return;
+  }
+  if (probing_) {
+    const int winner = best();
+    interval_ = winner == choice ? kFirstInterval : std::min(interval_ * 2, kMaxInterval);
+    current_ = winner;
+    settled_cost_ = cost(current_);
+    return;
+  }
+  current_ = best();
+  // The running choice's two newest records far from where it settled (one preempted call is
+  // not a new machine): conditions changed, measure both again.
+  const int previous_slot = (slot + kSamples - 1) % kSamples;
+  auto moved = [&](int at) { return std::fabs(seconds_[choice][at] - settled_cost_) > kShift * settled_cost_; };
+  if (current_ == choice && fresh(choice, previous_slot) && moved(slot) && moved(previous_slot)) forget();
 }
 
-void parallel_for(LoopSite& site, int64_t count, int64_t grain, const std::function<void(int64_t, int64_t)>& body) {
+ThreadChoice& LoopSite::choice_for(uint64_t shape) {
+  const uint64_t key = shape | 1;  // 0 marks an empty slot
+  for (int i = 0; i < used_; ++i)
+    if (keys_[i] == key) return choices_[i];
+  if (used_ < kShapes) {
+    keys_[used_] = key;
+    return choices_[used_++];
+  }
+  return choices_[kShapes - 1];  // more shapes than slots: the rest share the last one
+}
+
+int LoopSite::pick(uint64_t shape, int threads, int load_level) {
+  SpinGuard guard(lock_);
+  return choice_for(shape).pick(threads, load_level);
+}
+
+namespace {
+std::atomic<int64_t> g_load_checked_ns{INT64_MIN};
+std::atomic<int> g_load_level{0};
+
+// Runnable threads of the whole machine (the 4th field of /proc/loadavg, "running/total"), or -1.
+int runnable_threads() {
+  const int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  char text[128];
+  const ssize_t size = read(fd, text, sizeof(text) - 1);
+  close(fd);
+  if (size <= 0) return -1;
+  text[size] = '\0';
+  float one, five, fifteen;
+  int running = 0, total = 0;
+  if (sscanf(text, "%f %f %f %d/%d", &one, &five, &fifteen, &running, &total) != 5) return -1;
+  return running;
+}
+}  // namespace
+
+int machine_load_level() {
+  const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                          std::chrono::steady_clock::now().time_since_epoch())
+                          .count();
+  int64_t checked = g_load_checked_ns.load(std::memory_order_relaxed);
+  if (now - checked < 10'000'000 ||
+      !g_load_checked_ns.compare_exchange_strong(checked, now, std::memory_order_relaxed))
+    return g_load_level.load(std::memory_order_relaxed);
+  const int running = runnable_threads();
+  const unsigned hardware = std::thread::hardware_concurrency();
+  const int cores = hardware > 0 ? static_cast<int>(hardware) : 1;
+  // The caller itself is running (its helpers sleep between loops): the rest are other work.
+  const int level = running < 0 ? 0 : std::min(4, std::max(0, running - 1) * 4 / cores);
+  g_load_level.store(level, std::memory_order_relaxed);
+  return level;
+}
+
+void LoopSite::record(uint64_t shape, int threads, double seconds, int64_t chunks) {
+  SpinGuard guard(lock_);
+  choice_for(shape).record(threads, seconds, chunks);
+}
+
+namespace {
+// A call's shape for its site: count, grain and the kernel's variant, mixed into one key.
+uint64_t shape_key(int64_t count, int64_t grain, int64_t variant) {
+  uint64_t key = 0x9E3779B97F4A7C15ull;
+  for (const int64_t part : {count, grain, variant}) {
+    key ^= static_cast<uint64_t>(part) + 0x9E3779B97F4A7C15ull + (key << 6) + (key >> 2);
+  }
+  return key;
+}
+}  // namespace
+
+void parallel_for(LoopSite& site, int64_t count, int64_t grain, const std::function<void(int64_t, int64_t)>& body,
+                  int64_t variant) {
   if (count <= 0) return;
   grain = std::max<int64_t>(1, grain);
   const int64_t chunks = (count + grain - 1) / grain;
@@ -171,19 +291,20 @@ void parallel_for(LoopSite& site, int64_t count, int64_t grain, const std::funct
     body(0, count);
     return;
   }
-  const int threads = site.pick(team);
+  const uint64_t shape = shape_key(count, grain, variant);
+  const int threads = site.pick(shape, team, machine_load_level());
   const auto start = std::chrono::steady_clock::now();
-  run_loop(threads, count, grain, chunks, body);
-  site.record(threads, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), chunks);
+  const int ran = run_loop(threads, count, grain, chunks, body);
+  site.record(shape, ran, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), chunks);
 }
 
-void run_loop(int threads, int64_t count, int64_t grain, int64_t chunks,
-              const std::function<void(int64_t, int64_t)>& body) {
+int run_loop(int threads, int64_t count, int64_t grain, int64_t chunks,
+             const std::function<void(int64_t, int64_t)>& body) {
   Pool* helpers = threads > 1 ? pool() : nullptr;
   bool idle = false;
   if (helpers == nullptr || !helpers->busy.compare_exchange_strong(idle, true, std::memory_order_acquire)) {
     body(0, count);
-    return;
+    return 1;  // a nested call, or another thread's loop holds the helpers: this one ran alone
   }
   Job job;
   job.body = &body;
@@ -206,6 +327,7 @@ void run_loop(int threads, int64_t count, int64_t grain, int64_t chunks,
     helpers->done.wait(lock, [&] { return job.helpers_active == 0; });
   }
   helpers->busy.store(false, std::memory_order_release);
+  return threads;
 }
 
 }  // namespace cpu
