@@ -175,3 +175,47 @@ def test_two_threads_run_chunks_on_a_second_thread(extension):
     helper_chunks, other_threads_cpu = done.stdout.split()
     assert int(helper_chunks) > 0
     assert float(other_threads_cpu) > 0.0
+
+
+def _choices(extension, team_ms, single_ms, levels=None):
+    levels = levels or [0] * len(team_ms)
+    return extension.simulate_thread_choice(team_ms, single_ms, levels)
+
+
+def test_a_loop_site_drops_a_team_that_turns_slow_and_takes_it_back_when_it_is_fast_again(extension):
+    """Contention comes and goes (and shows in the machine's load): the choice follows within a few calls (issue 18)."""
+    idle, busy = [1.0] * 40, [3.0] * 40  # a team: 1 ms idle, 3 ms while another process holds its second core
+    picks = _choices(extension, idle + busy + idle, [2.0] * 120, [0] * 40 + [4] * 40 + [0] * 40)
+    assert picks[4:40].count(2) >= 30  # idle: the team, bar the probes of one thread
+    assert picks[44:80].count(1) >= 30  # busy: one thread after re-measuring both (4 calls)
+    assert picks[84:120].count(2) >= 30  # idle again: the team back after re-measuring
+
+
+def test_without_a_load_signal_a_faster_team_is_found_by_the_next_probe(extension):
+    """One thread's own time does not move when the team's second core frees up: the backed-off probe finds it."""
+    team = [3.0] * 80 + [1.0] * 60
+    picks = _choices(extension, team, [2.0] * 140)
+    assert picks[10:80].count(1) >= 60  # busy: one thread, probes backing off
+    assert picks[80 + 32 + 8 :].count(2) >= 15  # the team again within the longest probe interval (32 calls)
+
+
+def test_a_change_of_machine_load_remeasures_both_choices_at_once(extension):
+    """At a change of the load level both choices are measured again right away, then the cheaper one runs."""
+    team = [1.0] * 20 + [3.0] * 20
+    picks = _choices(extension, team, [2.0] * 40, [0] * 20 + [4] * 20)
+    assert picks[20:24].count(1) == 2 and picks[20:24].count(2) == 2  # both, twice, right at the change
+    assert picks[24:40].count(1) >= 12  # then one thread, bar the probes of the team
+
+
+def test_a_team_only_as_fast_as_one_thread_is_not_taken(extension):
+    """A memory-bound loop: a second thread adds nothing, so one thread runs (no waiting for a helper)."""
+    picks = _choices(extension, [1.0] * 60, [1.02] * 60)
+    assert picks[8:].count(1) >= len(picks[8:]) - 8  # one thread, bar the probes
+
+
+def test_one_slow_call_is_not_a_new_machine(extension):
+    """A single preempted call (10x slower) neither forgets the records nor switches the choice."""
+    team = [1.0] * 30
+    team[15] = 10.0
+    picks = _choices(extension, team, [2.0] * 30)
+    assert picks[16:30].count(2) >= 12

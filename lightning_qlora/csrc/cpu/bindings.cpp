@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
+#include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -253,6 +254,22 @@ int64_t bgmv(const at::Tensor& x, const at::Tensor& pool, const at::Tensor& a_ro
                        y.data_ptr<float>());
 }
 
+// Drives one ThreadChoice with given timings (tests): call i runs on a team if the choice picks one,
+// costing team_ms[i], else single_ms[i], at load level levels[i]; returns the thread count picked
+// for each call. The policy is tested without depending on how busy the test machine is.
+std::vector<int64_t> simulate_thread_choice(const std::vector<double>& team_ms, const std::vector<double>& single_ms,
+                                            const std::vector<int64_t>& levels) {
+  TORCH_CHECK(team_ms.size() == single_ms.size() && levels.size() == team_ms.size(), "one time of each and a level per call");
+  lq::cpu::ThreadChoice choice;
+  std::vector<int64_t> picked;
+  for (size_t i = 0; i < team_ms.size(); ++i) {
+    const int threads = choice.pick(2, static_cast<int>(levels[i]));
+    choice.record(threads, (threads > 1 ? team_ms[i] : single_ms[i]) / 1000.0, 1);
+    picked.push_back(threads);
+  }
+  return picked;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -266,4 +283,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_4bit_input_grad", &linear_4bit_input_grad, "grad @ W with a 4-bit weight");
   m.def("linear_compact", &linear_compact, "x @ W^T with an int8-blockwise or bf16 weight");
   m.def("helper_chunks", &lq::cpu::helper_chunks, "chunks run by the loop pool's helper threads so far");
+  m.def("simulate_thread_choice", &simulate_thread_choice, "a loop site's thread choices for given timings (tests)");
 }
