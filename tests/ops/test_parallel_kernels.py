@@ -139,11 +139,15 @@ def _policy(code: str, env: dict[str, str]) -> str:
     return done.stdout.strip()
 
 
-def test_importing_lightning_qlora_first_makes_openmp_threads_sleep():
-    show = "import os; from lightning_qlora import _openmp; print(os.environ.get('OMP_WAIT_POLICY'), _openmp.SET_BY_US)"
-    assert _policy("import lightning_qlora; " + show, {}) == "PASSIVE True"
-    assert _policy("import torch, lightning_qlora; " + show, {}) == "None False"  # too late: says so
-    assert _policy("import lightning_qlora; " + show, {"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE False"
+def test_importing_lightning_qlora_first_makes_openmp_threads_spin_briefly_then_sleep():
+    show = (
+        "import os; from lightning_qlora import _openmp; "
+        "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'), _openmp.SET_BY_US)"
+    )
+    assert _policy("import lightning_qlora; " + show, {}) == "None 2000 True"
+    assert _policy("import torch, lightning_qlora; " + show, {}) == "None None False"  # too late: says so
+    assert _policy("import lightning_qlora; " + show, {"OMP_WAIT_POLICY": "PASSIVE"}) == "PASSIVE None False"
+    assert _policy("import lightning_qlora; " + show, {"GOMP_SPINCOUNT": "0"}) == "None 0 False"
 
 
 _TEAM_WORK = """
