@@ -39,6 +39,8 @@ from lightning_qlora.adapters.summary import trainable_parameter_count
 from lightning_qlora.app.report import PREDICTIONS_FILE, list_run_files, print_report, write_predictions
 from lightning_qlora.atomic import atomic_write_text
 from lightning_qlora.data import DatasetNotFoundError, evaluate_instruction_model, task_paths
+from lightning_qlora.errors import ConfigError
+from lightning_qlora.host_memory import limit_allocator_retention, reuse_freed_memory
 from lightning_qlora.module import QLoRAModule
 from lightning_qlora.plugins import NF4Precision
 from lightning_qlora.plugins.atomic_checkpoint_io import install_atomic_checkpoint_io
@@ -166,6 +168,18 @@ def _finish_wandb_runs(trainer: L.Trainer) -> None:
             logger.experiment.finish()
 
 
+#: ``host_memory`` settings: what each does to the process's allocator (lightning_qlora.host_memory)
+HOST_MEMORY = {"reuse": reuse_freed_memory, "release": limit_allocator_retention, "glibc": None}
+
+
+def _set_host_memory(mode: str) -> None:
+    if mode not in HOST_MEMORY:
+        raise ConfigError(f"host_memory={mode!r} is not one of {', '.join(HOST_MEMORY)} (see conf/train.yaml).")
+    setting = HOST_MEMORY[mode]
+    if setting is not None:
+        setting()
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Build everything ``cfg`` describes, evaluate, train, evaluate, save; returns the results."""
     start = time.perf_counter()
@@ -173,6 +187,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     # everything that can be wrong in the config fails here, before the (slow) model load
+    _set_host_memory(cfg.get("host_memory", "reuse"))
     _check_data_paths(cfg.data)
     adapter = _build(cfg.adapter)
     plugin = NF4Precision(

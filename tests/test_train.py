@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from lightning_qlora.adapters import AdapterConfigError
 from lightning_qlora.data import DatasetNotFoundError
+from lightning_qlora.errors import ConfigError
 from lightning_qlora.train import CONFIG_DIR, run
 
 GROUPS = {
@@ -157,7 +158,23 @@ def test_config_mistakes_fail_before_training(tmp_path):
         run(_compose([*SMOKE, "adapter.r=abc"], tmp_path))
     with pytest.raises(DatasetNotFoundError, match="/nowhere/train.jsonl"):
         run(_compose([*SMOKE, "data=jsonl", "data.train_path=/nowhere/train.jsonl"], tmp_path))
+    with pytest.raises(ConfigError, match="host_memory='fast'"):
+        run(_compose([*SMOKE, "host_memory=fast"], tmp_path))
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("mode", ["reuse", "release", "glibc"])
+def test_the_app_sets_the_host_allocator_it_is_told_to_first(mode, tmp_path, monkeypatch):
+    from lightning_qlora import train
+
+    called = []
+    monkeypatch.setitem(train.HOST_MEMORY, "reuse", lambda: called.append("reuse"))
+    monkeypatch.setitem(train.HOST_MEMORY, "release", lambda: called.append("release"))
+    cfg = _compose([*SMOKE, f"host_memory={mode}", "data=jsonl", "data.train_path=/nowhere/train.jsonl"], tmp_path)
+    with pytest.raises(DatasetNotFoundError):  # stops right after the allocator setting, before any model load
+        run(cfg)
+    assert called == ([] if mode == "glibc" else [mode])
+    assert _compose([]).host_memory == "reuse"  # the default
 
 
 @pytest.mark.slow
