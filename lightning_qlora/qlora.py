@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -146,6 +148,27 @@ def _check_existing_4bit(model: nn.Module, spec: QLoRASpec) -> None:
             )
 
 
+def _contiguous_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Forward pre-hook: a non-contiguous input becomes contiguous before an ``nn.Linear`` multiplies it.
+
+    ``torch.matmul`` of a non-contiguous 3-D input -- the ``hidden[:, -1:, :]`` slice transformers
+    hands the ``lm_head`` in the first step of ``generate`` -- expands the weight across the batch
+    into a batched product: for SmolLM2's 49152x576 head and 50 prompts, 266 ms instead of 33 ms
+    for a contiguous copy of the (50, 1, 576) slice (torch 2.13, this machine).
+    """
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 2 and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
+
+
+def _make_float_inputs_contiguous(model: nn.Module, skip: Sequence[str]) -> None:
+    """The :func:`_contiguous_input` hook on every float ``nn.Linear`` left out of the conversion (``lm_head``)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and _skipped(name, skip) and not getattr(module, "_lq_contiguous_input", False):
+            module.register_forward_pre_hook(_contiguous_input)
+            module._lq_contiguous_input = True
+
+
 def apply_qlora(model: nn.Module, spec: QLoRASpec) -> QLoRAReport:
     """Quantize (layer by layer), inject adapters and freeze everything else, in place.
 
@@ -181,6 +204,7 @@ def apply_qlora(model: nn.Module, spec: QLoRASpec) -> QLoRAReport:
                 f"{error} Fix that layer's weights, or leave it in float with "
                 f"skip_modules=[..., {name.rpartition('.')[2]!r}]."
             ) from None
+    _make_float_inputs_contiguous(model, spec.skip_modules)
     if spec.adapter is None:
         for parameter in model.parameters():
             parameter.requires_grad_(False)

@@ -176,3 +176,16 @@ def test_checkpoint_from_another_quant_mode_is_refused(tmp_path, saved, loading,
             second, ckpt_path=str(checkpoint)
         )
     assert second.losses == []
+
+
+def test_the_float_head_multiplies_a_sliced_input_without_expanding_its_weight():
+    """generate's first step hands the lm_head ``hidden[:, -1:, :]``; torch.matmul expanded the weight per row."""
+    model = TinyLlamaModule().model
+    apply_qlora(model, QLoRASpec(mode="nf4-dq", adapter=LoRAConfig(r=4)))
+    hidden = torch.randn(6, 5, 64)[:, -1:, :]  # non-contiguous, as transformers slices it
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        logits = model.lm_head(hidden)
+    assert not any(event.name == "aten::bmm" for event in profile.events())  # one (6, 64) @ (64, 96) instead
+    assert torch.equal(logits, model.lm_head(hidden.contiguous()))
+    apply_qlora(model, QLoRASpec(mode="nf4-dq", adapter=None))  # converting again adds no second hook
+    assert len(model.lm_head._forward_pre_hooks) == 1
