@@ -12,7 +12,9 @@ Arms (each in its own subprocess, so peak RSS is each arm's own; alternating, ``
 * ``peft`` -- transformers ``from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double
   quant, fp32 compute))`` + PEFT ``LoraConfig`` (same r, alpha, dropout, ``all-linear``) + a plain
   PyTorch loop over the *same* batches (our data module, same seed), same clip and validation, and
-  the same evaluation function (greedy exact match + answer loss, batch 50);
+  the evaluation a transformers user writes (:func:`_evaluate_like_a_user`: batched greedy
+  ``generate`` and ``model(**batch).loss``, same prompts, batch 50, 12 new tokens);
+  ``--peer-eval ours`` gives it our evaluation function instead (then only the forward passes differ);
 * ``float`` -- ours with ``quant=none`` (LoRA on the float base), the exact-match reference.
 
 bitsandbytes 0.50.2 on a CPU with AVX512-BF16 repacks a ``Linear4bit``'s weight for a bf16 kernel
@@ -45,14 +47,64 @@ from typing import Any
 ARMS = ("ours", "peft", "float")
 
 
+#: The evaluation's batch size and answer length, as conf/train.yaml's ``evaluate`` (and ``data.max_length``).
+EVAL_BATCH, MAX_NEW_TOKENS, MAX_LENGTH = 50, 12, 64
+
+
 def _evaluate(model: Any, tokenizer: Any, examples: list[Any]) -> dict[str, Any]:
+    """Our evaluation function (:func:`lightning_qlora.data.evaluate_instruction_model`), as the app runs it."""
     from lightning_qlora.data import evaluate_instruction_model
 
     start = time.perf_counter()
     result = evaluate_instruction_model(
-        model, tokenizer, examples, batch_size=50, max_new_tokens=12, max_length=64, show_progress=False
+        model,
+        tokenizer,
+        examples,
+        batch_size=EVAL_BATCH,
+        max_new_tokens=MAX_NEW_TOKENS,
+        max_length=MAX_LENGTH,
+        show_progress=False,
     )
     return {"exact_match": result["exact_match"], "loss": result["loss"], "seconds": time.perf_counter() - start}
+
+
+def _evaluate_like_a_user(model: Any, tokenizer: Any, examples: list[Any]) -> dict[str, Any]:
+    """The evaluation a transformers user writes: batched greedy ``generate`` and the loss of ``model(**batch)``.
+
+    Same prompts (the chat template with the generation header), batch size, answer length and
+    answer-token encoding as ours; left padding for generation, and the mean of transformers' loss
+    weighted by each batch's answer tokens (the loss over all answer tokens, as ours).
+    """
+    import torch
+
+    from lightning_qlora.data.chat import pad_batch, pad_token_id
+    from lightning_qlora.data.datamodule import encode_examples
+    from lightning_qlora.lm_loss import IGNORE_INDEX
+
+    start = time.perf_counter()
+    tokenizer.padding_side = "left"
+    prompts = [
+        tokenizer.apply_chat_template(example.prompt_messages, add_generation_prompt=True, tokenize=False)
+        for example in examples
+    ]
+    predictions: list[str] = []
+    with torch.no_grad():
+        for first in range(0, len(prompts), EVAL_BATCH):
+            batch = tokenizer(prompts[first : first + EVAL_BATCH], return_tensors="pt", padding=True, add_special_tokens=False)
+            output = model.generate(
+                **batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=pad_token_id(tokenizer)
+            )
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            predictions += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        encoded = encode_examples(tokenizer, examples, MAX_LENGTH, "evaluation")
+        total, targets = 0.0, 0
+        for first in range(0, len(encoded), EVAL_BATCH):
+            batch = pad_batch(encoded[first : first + EVAL_BATCH], pad_token_id(tokenizer))
+            count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += float(model(**batch).loss) * count
+            targets += count
+    exact = sum(p == e.reference.strip() for p, e in zip(predictions, examples)) / len(examples)
+    return {"exact_match": exact, "loss": total / targets, "seconds": time.perf_counter() - start}
 
 
 def run_ours(args: argparse.Namespace, quant: str) -> dict[str, Any]:
@@ -147,8 +199,9 @@ def run_peft(args: argparse.Namespace) -> dict[str, Any]:
     data.setup("fit")
     data.setup("test")
     test = data.examples["test"][: args.eval_examples]
+    evaluate = _evaluate if args.peer_eval == "ours" else _evaluate_like_a_user
     model.eval()
-    before = _evaluate(model, tokenizer, test)
+    before = evaluate(model, tokenizer, test)
     restored = _restore_bnb_training_layout(model)
 
     fit_start = time.perf_counter()
@@ -179,7 +232,7 @@ def run_peft(args: argparse.Namespace) -> dict[str, Any]:
                 break
     train_seconds = time.perf_counter() - fit_start
     model.eval()
-    after = _evaluate(model, tokenizer, test)
+    after = evaluate(model, tokenizer, test)
     return {
         "train_seconds": train_seconds,
         "before": before,
@@ -283,6 +336,8 @@ def _spawn(arm: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
         str(seed),
         "--compute-dtype",
         args.compute_dtype,
+        "--peer-eval",
+        args.peer_eval,
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -334,6 +389,13 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         choices=["auto", "fp32", "bf16"],
         help="compute_dtype of the ours/float arms (the app's default: auto)",
+    )
+    parser.add_argument(
+        "--peer-eval",
+        default="user",
+        choices=["user", "ours"],
+        help="the peft arm's evaluation: what a transformers user writes (batched generate + model(**batch).loss), "
+        "or our evaluate_instruction_model (forward-pass speed alone)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write every row and the summary here")
     parser.add_argument(
