@@ -105,7 +105,9 @@ def shared_prefix_target_logits(
     Rows the prefix does not pay for (shorter than :data:`MIN_SHARED_PREFIX`, gradient checkpointing,
     a model without a repeatable cache) run in full.
     """
-    checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x; deprecates the next
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
     shared = 0 if checkpointing else shared_prefix_length(input_ids, attention_mask, labels)
     cache = prefix_cache(model, input_ids[0, :shared], input_ids.shape[0]) if shared >= MIN_SHARED_PREFIX else None
     if cache is None:

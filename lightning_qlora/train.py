@@ -120,7 +120,8 @@ def _evaluate(module: QLoRAModule, tokenizer: Any, examples: list[Any], cfg: Dic
     )
     result["seconds"] = time.perf_counter() - start
     rank_zero_info(
-        f"{label}: exact match {100 * result['exact_match']:.1f}% on {result['num_examples']} test examples, "
+        f"{label}: exact match {100 * result['exact_match']:.1f}% on {result['num_examples']} test examples "
+        f"({result['generated']} answered by generation, the rest read off the loss pass), "
         f"answer loss {result['loss']:.4f} ({result['seconds']:.1f} s)"
     )
     return result

@@ -44,8 +44,15 @@ def encode_examples(
     Raises:
         InstructionDataConfigError: every example was dropped (no prompt is shorter than ``max_length``).
     """
+    return [encoded for _, encoded in encode_examples_with_indices(tokenizer, examples, max_length, name)]
+
+
+def encode_examples_with_indices(
+    tokenizer: Any, examples: Sequence[InstructionExample], max_length: int | None, name: str = "data"
+) -> list[tuple[int, dict[str, list[int]]]]:
+    """:func:`encode_examples`, each kept encoding with the index of its example in ``examples``."""
     encoded = [encode_example(tokenizer, example, max_length) for example in examples]
-    kept = [e for e in encoded if any(label != IGNORE_INDEX for label in e["labels"])]
+    kept = [(i, e) for i, e in enumerate(encoded) if any(label != IGNORE_INDEX for label in e["labels"])]
     if examples and not kept:
         raise InstructionDataConfigError(
             f"{name}: max_length={max_length} leaves no answer token in any of the {len(examples)} examples; "

@@ -21,11 +21,10 @@ import torch
 import torchmetrics
 from rich.progress import Progress
 from torch import nn
-from torchmetrics.text import Perplexity
 
 from lightning_qlora import lm_loss
 from lightning_qlora.data.chat import IGNORE_INDEX, generation_prompt_ids, pad_batch, pad_token_id
-from lightning_qlora.data.datamodule import encode_examples
+from lightning_qlora.data.datamodule import encode_examples_with_indices
 from lightning_qlora.data.records import InstructionExample
 from lightning_qlora.lm_loss import shared_prefix_target_logits
 
@@ -81,9 +80,13 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _batches(count: int, batch_size: int, description: str, show_progress: bool) -> Iterator[range]:
+def _check_batch_size(batch_size: Any) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+
+
+def _batches(count: int, batch_size: int, description: str, show_progress: bool) -> Iterator[range]:
+    _check_batch_size(batch_size)
     starts = range(0, count, batch_size)
     with Progress(disable=not show_progress, transient=True) as progress:
         task = progress.add_task(description, total=len(starts))
@@ -139,6 +142,64 @@ def _with_prefix(prefix: Sequence[int], rest: dict[str, torch.Tensor]) -> dict[s
     }
 
 
+def _greedy_tokens(
+    model: nn.Module,
+    tokenizer: Any,
+    starts: Sequence[Sequence[int]],
+    budgets: Sequence[int],
+    *,
+    batch_size: int,
+    show_progress: bool,
+) -> list[list[int]]:
+    """Greedy new tokens after each token sequence of ``starts``: at most ``budgets[i]``, cut after EOS (kept).
+
+    Sequences are sorted by length and left-padded in batches (less padding, and every sequence's
+    last token sits at the same position). The prefix every sequence of a batch shares (chat
+    template, system prompt, instruction) is run once and its KV cache repeated for the batch; each
+    row's own tokens follow it, left-padded (masked; positions come from the mask). A batch
+    generates up to its largest budget; each row is cut to its own afterwards (greedy decoding
+    does not depend on how far it runs).
+    """
+    order = sorted(range(len(starts)), key=lambda i: len(starts[i]))
+    pad_id = pad_token_id(tokenizer)
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    device = _device(model)
+    tokens: list[list[int]] = [[] for _ in starts]
+    chunks = [order[first : first + batch_size] for first in range(0, len(order), batch_size)]
+    lengths = [max(budgets[i] for i in chunk) for chunk in chunks]
+    from transformers import StoppingCriteriaList
+
+    # one tick per generated token of each batch: a batch of 50 prompts takes seconds, not one jump
+    with _eval_mode(model), Progress(disable=not show_progress, transient=True) as progress:
+        task = progress.add_task("generating answers", total=sum(lengths))
+        for number, (indices, new_tokens) in enumerate(zip(chunks, lengths), start=1):
+            progress.update(task, description=f"generating answers, batch {number}/{len(chunks)}")
+            rows = [list(starts[i]) for i in indices]
+            shared = _shared_prefix(rows, min(len(row) for row in rows) - 1)  # each row keeps a token of its own
+            cache = _prefix_cache(model, rows[0][:shared], len(rows), device)
+            if cache is None:
+                batch = pad_batch([{"input_ids": row} for row in rows], pad_id, padding_side="left")
+            else:  # the prefix, then each row's own tokens left-padded after it (masked, positions from the mask)
+                rest = pad_batch([{"input_ids": row[shared:]} for row in rows], pad_id, padding_side="left")
+                batch = _with_prefix(rows[0][:shared], rest)
+            output = model.generate(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                **({lm_loss.cache_keyword(model): cache} if cache is not None else {}),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad_id,
+                eos_token_id=eos_id,
+                stopping_criteria=StoppingCriteriaList([_TokenTicks(progress, task)]),
+            )
+            progress.update(task, completed=sum(lengths[:number]))  # the batch may have stopped early (EOS)
+            for index, row in zip(indices, output[:, batch["input_ids"].shape[1] :].tolist()):
+                row = row[: budgets[index]]
+                tokens[index] = row[: row.index(eos_id) + 1] if eos_id is not None and eos_id in row else row
+    return tokens
+
+
 def generate_answers(
     model: nn.Module,
     tokenizer: Any,
@@ -150,11 +211,9 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers of ``model`` to each example's prompt messages, in the order of ``examples``.
 
-    Prompts are sorted by length and left-padded in batches (less padding, and every
-    sequence's last prompt token sits at the same position). The prefix every prompt of a batch
-    shares (chat template, system prompt, instruction) is run once and its KV cache repeated for
-    the batch; each row's own tokens follow it, left-padded (masked; positions come from the mask). Generation stops at the
-    tokenizer's EOS (the chat end-of-turn token for instruct models) or after ``max_new_tokens``.
+    Prompts are sorted by length and left-padded in batches, the prefix every prompt of a batch
+    shares is run once (see :func:`_greedy_tokens`). Generation stops at the tokenizer's EOS (the
+    chat end-of-turn token for instruct models) or after ``max_new_tokens``.
 
     Args:
         model: a transformers causal LM (has ``generate``).
@@ -167,47 +226,54 @@ def generate_answers(
     Returns:
         decoded answers, special tokens removed, surrounding whitespace stripped.
     """
+    _check_batch_size(batch_size)
     prompts = [generation_prompt_ids(tokenizer, example) for example in examples]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    pad_id = pad_token_id(tokenizer)
-    eos_id = getattr(tokenizer, "eos_token_id", None)
-    answers: list[str] = [""] * len(prompts)
-    device = _device(model)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
-    chunks = [range(start, min(start + batch_size, len(order))) for start in range(0, len(order), batch_size)]
-    from transformers import StoppingCriteriaList
+    tokens = _greedy_tokens(
+        model, tokenizer, prompts, [max_new_tokens] * len(prompts), batch_size=batch_size, show_progress=show_progress
+    )
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens]
 
-    # one tick per generated token of each batch: a batch of 50 prompts takes seconds, not one jump
-    with _eval_mode(model), Progress(disable=not show_progress, transient=True) as progress:
-        task = progress.add_task("generating answers", total=len(chunks) * max_new_tokens)
-        for number, chunk in enumerate(chunks, start=1):
-            progress.update(task, description=f"generating answers, batch {number}/{len(chunks)}")
-            indices = [order[i] for i in chunk]
-            rows = [prompts[i] for i in indices]
-            shared = _shared_prefix(rows, min(len(row) for row in rows) - 1)  # each row keeps a token of its own
-            cache = _prefix_cache(model, rows[0][:shared], len(rows), device)
-            if cache is None:
-                batch = pad_batch([{"input_ids": row} for row in rows], pad_id, padding_side="left")
-            else:  # the prefix, then each row's own tokens left-padded after it (masked, positions from the mask)
-                rest = pad_batch([{"input_ids": row[shared:]} for row in rows], pad_id, padding_side="left")
-                batch = _with_prefix(rows[0][:shared], rest)
-            output = model.generate(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                **({lm_loss.cache_keyword(model): cache} if cache is not None else {}),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=pad_id,
-                eos_token_id=eos_id,
-                stopping_criteria=StoppingCriteriaList([_TokenTicks(progress, task)]),
+
+def _teacher_forced(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[InstructionExample],
+    *,
+    batch_size: int,
+    max_length: int | None,
+    show_progress: bool,
+) -> tuple[float, int, dict[int, tuple[list[int], list[int]]]]:
+    """One teacher-forced pass over prompt + reference answer of every example.
+
+    Returns ``(summed answer-token NLL, answer tokens, greedy)``: ``greedy[i]`` pairs example
+    ``i``'s answer tokens with the model's most likely token at each of their positions (given the
+    prompt and the reference before it). Examples whose answer ``max_length`` cuts away entirely are
+    left out (with a warning, as in training).
+    """
+    encoded = encode_examples_with_indices(tokenizer, examples, max_length, "evaluation")
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][1]["input_ids"]))  # less padding
+    pad_id = pad_token_id(tokenizer)
+    device = _device(model)
+    total, count = 0.0, 0
+    greedy: dict[int, tuple[list[int], list[int]]] = {}
+    with _eval_mode(model):
+        for chunk in _batches(len(encoded), batch_size, "test loss", show_progress):
+            rows = [encoded[order[i]] for i in chunk]
+            batch = {k: v.to(device) for k, v in pad_batch([row for _, row in rows], pad_id).items()}
+            logits, targets = shared_prefix_target_logits(
+                model, batch["input_ids"], batch["attention_mask"], batch["labels"]
             )
-            progress.update(task, completed=number * max_new_tokens)  # the batch may have stopped early (EOS)
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
-            for index, text in zip(indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                answers[index] = text.strip()
-    return answers
+            total += float(
+                nn.functional.cross_entropy(
+                    logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+                )
+            )
+            answer = targets != IGNORE_INDEX
+            count += int(answer.sum())
+            likeliest = logits.argmax(-1)
+            for (index, _), mask, row_targets, row_likeliest in zip(rows, answer, targets, likeliest):
+                greedy[index] = (row_targets[mask].tolist(), row_likeliest[mask].tolist())
+    return total, count, greedy
 
 
 def evaluate_loss(
@@ -228,21 +294,34 @@ def evaluate_loss(
     and only positions with a target go through the ``lm_head``
     (:func:`~lightning_qlora.lm_loss.shared_prefix_target_logits`, as in training).
     """
-    encoded = encode_examples(tokenizer, examples, max_length, "evaluation")
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))  # the sum ignores order
-    perplexity = Perplexity(ignore_index=IGNORE_INDEX).to(_device(model))
-    pad_id = pad_token_id(tokenizer)
-    device = _device(model)
-    with _eval_mode(model):
-        for chunk in _batches(len(encoded), batch_size, "test loss", show_progress):
-            rows = pad_batch([encoded[order[i]] for i in chunk], pad_id)
-            batch = {k: v.to(device) for k, v in rows.items()}
-            logits, targets = shared_prefix_target_logits(
-                model, batch["input_ids"], batch["attention_mask"], batch["labels"]
-            )
-            perplexity.update(logits.float(), targets)
-    value = float(perplexity.compute())
-    return {"loss": math.log(value), "perplexity": value}
+    _check_batch_size(batch_size)
+    total, count, _ = _teacher_forced(
+        model, tokenizer, examples, batch_size=batch_size, max_length=max_length, show_progress=show_progress
+    )
+    return {"loss": total / count, "perplexity": math.exp(total / count)}
+
+
+def _greedy_from_reference(
+    answer: Sequence[int], likeliest: Sequence[int], max_new_tokens: int, eos_id: int | None
+) -> tuple[list[int], bool]:
+    """The greedy tokens the teacher-forced pass already shows, and whether the answer ends there.
+
+    Greedy decoding's token at step ``k`` is the model's likeliest token given the prompt and its
+    own earlier tokens; while those equal the reference's, it is the teacher-forced pass's
+    likeliest token at position ``k``. So the greedy answer follows the pass until its first
+    token that differs from the reference (included: greedy chose it), its EOS, or
+    ``max_new_tokens``; only then must generation go on (from there).
+    """
+    tokens: list[int] = []
+    for target, choice in zip(answer, likeliest):
+        if len(tokens) == max_new_tokens:
+            return tokens, True
+        tokens.append(choice)
+        if choice == eos_id:
+            return tokens, True
+        if choice != target:
+            break
+    return tokens, len(tokens) >= max_new_tokens
 
 
 def evaluate_instruction_model(
@@ -254,19 +333,53 @@ def evaluate_instruction_model(
     max_new_tokens: int = 16,
     max_length: int | None = None,
     show_progress: bool = True,
+    from_teacher_forcing: bool = True,
 ) -> dict[str, Any]:
     """Exact match (greedy generation) and answer loss/perplexity on ``examples``.
+
+    The loss comes from one teacher-forced pass over prompt + reference answer. That pass also
+    shows the greedy answer as far as it agrees with the reference (:func:`_greedy_from_reference`):
+    an example whose likeliest token is the reference's at every answer position up to the end of
+    turn -- most examples once a model is trained -- is answered without generating, and any other
+    is generated only from where it departs from the reference. The answers are those of
+    step-by-step greedy decoding (:func:`generate_answers`) up to floating-point rounding: two
+    passes of different shapes may break a near-tie between two tokens differently, as two batch
+    sizes of ``generate`` may. ``from_teacher_forcing=False`` generates every answer in full.
 
     Returns:
         ``{"exact_match": float in [0, 1], "loss": float, "perplexity": float, "num_examples": int,
         "predictions": list[str]}`` (drop ``predictions`` before logging the rest as metrics).
     """
-    predictions = generate_answers(
-        model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, show_progress=show_progress
-    )
-    metric = ExactMatch()
-    metric.update(predictions, [example.reference for example in examples])
-    loss = evaluate_loss(
+    _check_batch_size(batch_size)
+    total, count, greedy = _teacher_forced(
         model, tokenizer, examples, batch_size=batch_size, max_length=max_length, show_progress=show_progress
     )
-    return {"exact_match": float(metric.compute()), **loss, "num_examples": len(examples), "predictions": predictions}
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    known: list[list[int]] = []
+    budgets: list[int] = []
+    for index in range(len(examples)):
+        answer, likeliest = greedy.get(index, ([], []))
+        tokens, finished = (
+            _greedy_from_reference(answer, likeliest, max_new_tokens, eos_id) if from_teacher_forcing else ([], False)
+        )
+        known.append(tokens)
+        budgets.append(0 if finished else max_new_tokens - len(tokens))
+    pending = [i for i, budget in enumerate(budgets) if budget > 0]
+    if pending:
+        starts = [generation_prompt_ids(tokenizer, examples[i]) + known[i] for i in pending]
+        continued = _greedy_tokens(
+            model, tokenizer, starts, [budgets[i] for i in pending], batch_size=batch_size, show_progress=show_progress
+        )
+        for index, tokens in zip(pending, continued):
+            known[index] = known[index] + tokens
+    predictions = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in known]
+    metric = ExactMatch()
+    metric.update(predictions, [example.reference for example in examples])
+    return {
+        "exact_match": float(metric.compute()),
+        "loss": total / count,
+        "perplexity": math.exp(total / count),
+        "num_examples": len(examples),
+        "predictions": predictions,
+        "generated": len(pending),
+    }

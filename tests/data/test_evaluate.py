@@ -148,3 +148,59 @@ def test_evaluation_restores_mixed_module_modes_and_checks_batch_size(char_token
     assert model.training and not model.model.layers[0].training and not model.model.layers[0].mlp.training
     with pytest.raises(ValueError, match="batch_size=0"):
         generate_answers(model, char_tokenizer, examples, batch_size=0, show_progress=False)
+
+
+def _trained_tiny_model(char_tokenizer, tmp_path, prompts, steps=150):
+    records = [f'{{"prompt": "{p}", "response": "{p[::-1][:3]}"}}' for p in prompts]
+    data = InstructionDataModule(char_tokenizer, train_path=write_jsonl(tmp_path / "train.jsonl", records), batch_size=len(records))
+    data.setup("fit")
+    model = make_tiny_llama(len(char_tokenizer))
+    apply_qlora(model, QLoRASpec(mode="nf4-dq", adapter=LoRAConfig(r=8, alpha=16)))
+    optimizer = torch.optim.AdamW(adapter_param_groups(model, lr=1e-2))
+    batch = next(iter(data.train_dataloader()))
+    model.train()
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("max_new_tokens", [5, 2])
+def test_answers_read_off_the_teacher_forced_pass_are_greedy_decodings(char_tokenizer, tmp_path, max_new_tokens):
+    """Trained prompts are answered from the loss pass; the rest generate from where they depart: same answers."""
+    model = _trained_tiny_model(char_tokenizer, tmp_path, PROMPTS)
+    # references: the trained answers, one wrong reference, and prompts the model never saw
+    examples = [InstructionExample.from_prompt(p, p[::-1][:3]) for p in PROMPTS]
+    examples[1] = InstructionExample.from_prompt(PROMPTS[1], "zzz")
+    examples += [InstructionExample.from_prompt(p, "abc") for p in ("unseen prompt", "qq")]
+    calls: list[int] = []
+    original = model.generate
+    model.generate = lambda **kwargs: calls.append(kwargs["input_ids"].shape[0]) or original(**kwargs)
+    result = evaluate_instruction_model(
+        model, char_tokenizer, examples, batch_size=4, max_new_tokens=max_new_tokens, show_progress=False
+    )
+    generated_rows = sum(calls)
+    model.generate = original
+    plain = generate_answers(model, char_tokenizer, examples, batch_size=4, max_new_tokens=max_new_tokens, show_progress=False)
+    full = evaluate_instruction_model(
+        model, char_tokenizer, examples, batch_size=4, max_new_tokens=max_new_tokens, show_progress=False,
+        from_teacher_forcing=False,
+    )
+    assert result["predictions"] == plain == full["predictions"]
+    assert result["exact_match"] == full["exact_match"] and result["loss"] == full["loss"]
+    # the trained prompts with their own references (4, or all 5 cut at 2 tokens) never reach generate
+    assert result["generated"] == generated_rows <= len(examples) - 4
+    assert full["generated"] == len(examples)
+
+
+def test_greedy_from_reference_stops_where_greedy_decoding_would_leave_the_reference():
+    from lightning_qlora.data.evaluate import _greedy_from_reference
+
+    eos = 9
+    assert _greedy_from_reference([1, 2, eos], [1, 2, eos], 5, eos) == ([1, 2, eos], True)  # all agree: done
+    assert _greedy_from_reference([1, 2, eos], [1, 7, 3], 5, eos) == ([1, 7], False)  # departs at 2: go on from 7
+    assert _greedy_from_reference([1, 2, eos], [1, eos, 3], 5, eos) == ([1, eos], True)  # greedy stops early
+    assert _greedy_from_reference([1, 2, 3, eos], [1, 2, 3, eos], 2, eos) == ([1, 2], True)  # cut at the budget
+    assert _greedy_from_reference([1, 2], [1, 2], 5, eos) == ([1, 2], False)  # a cut reference: generate the rest
+    assert _greedy_from_reference([], [], 5, eos) == ([], False)
