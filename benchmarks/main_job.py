@@ -8,10 +8,11 @@ Arms (each in its own subprocess, so peak RSS is each arm's own; alternating, ``
 * ``ours`` -- the app's main job exactly as ``lightning-qlora`` runs it (``conf/train.yaml``:
   SmolLM2-135M-Instruct, NF4+DQ, LoRA r=16 alpha 32 dropout 0.05 on all linear layers except
   ``lm_head``, AdamW lr 1e-3, batch 8, gradient clip 1.0, validation every 10 steps on 2 batches,
-  ``iso_dates``), through :func:`lightning_qlora.train.run` with ``--steps`` and ``--eval-examples``;
+  ``iso_dates``), through :func:`lightning_qlora.train.run` with ``--steps``, ``--eval-examples`` and
+  ``--schedule`` (``constant``, the main job's, or ``linear``: to 0 at the last step, for both arms);
 * ``peft`` -- transformers ``from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double
   quant, fp32 compute))`` + PEFT ``LoraConfig`` (same r, alpha, dropout, ``all-linear``) + a plain
-  PyTorch loop over the *same* batches (our data module, same seed), same clip and validation, and
+  PyTorch loop over the *same* batches (our data module, same seed), same clip, schedule and validation, and
   the evaluation a transformers user writes (:func:`_evaluate_like_a_user`: batched greedy
   ``generate`` and ``model(**batch).loss``, same prompts, batch 50, 12 new tokens);
   ``--peer-eval ours`` gives it our evaluation function instead (then only the forward passes differ);
@@ -123,6 +124,7 @@ def run_ours(args: argparse.Namespace, quant: str) -> dict[str, Any]:
             f"seed={args.seed}",
             f"quant={quant}",
             f"compute_dtype={args.compute_dtype}",
+            f"scheduler={args.schedule}",
             f"run_dir={run_dir}",
             "callbacks=none",
             "logger=csv",
@@ -210,6 +212,12 @@ def run_peft(args: argparse.Namespace) -> dict[str, Any]:
     )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999))
+    # conf/scheduler/<args.schedule>.yaml as the app steps it: after every optimizer step
+    scheduler = (
+        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=args.steps)
+        if args.schedule == "linear"
+        else torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    )
     val_batches = [batch for _, batch in zip(range(2), data.val_dataloader())]
     step = 0
     model.train()
@@ -219,6 +227,7 @@ def run_peft(args: argparse.Namespace) -> dict[str, Any]:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % 10 == 0:  # as the Trainer's val_check_interval=10, limit_val_batches=2
@@ -338,6 +347,8 @@ def _spawn(arm: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
         args.compute_dtype,
         "--peer-eval",
         args.peer_eval,
+        "--schedule",
+        args.schedule,
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -389,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         choices=["auto", "fp32", "bf16"],
         help="compute_dtype of the ours/float arms (the app's default: auto)",
+    )
+    parser.add_argument(
+        "--schedule",
+        default="constant",
+        choices=["constant", "linear"],
+        help="learning-rate schedule of every arm (conf/scheduler/; the main job's: constant)",
     )
     parser.add_argument(
         "--peer-eval",

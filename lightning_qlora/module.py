@@ -8,7 +8,8 @@ what is specific to causal-LM fine-tuning:
 * the loss of a transformers causal LM (labels default to the input ids; -100 ignored), logged
   as ``train/loss`` / ``val/loss``, with the adapters' extra loss logged as ``train/extra_loss``;
   the vocabulary projection runs only at positions that have a target (:func:`causal_lm_loss`);
-* AdamW (or any optimizer factory) over the adapters' parameter groups (LoRA+ gets its faster B);
+* AdamW (or any optimizer factory) over the adapters' parameter groups (LoRA+ gets its faster B),
+  and optionally a learning-rate schedule stepped per optimizer step, sized to the run;
 * train mode at fit start (pretrained loaders return eval-mode models; adapters' dropout and
   LoRA-drop's importance tracking need train mode);
 * ``adapters_only_checkpoints=True``: checkpoints hold only the adapters (the 4-bit base is
@@ -19,6 +20,8 @@ Batches are dicts with ``input_ids`` (and optionally ``attention_mask`` and ``la
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +47,12 @@ class QLoRAModule(L.LightningModule):
             lr=2e-4)`` or a Hydra ``_partial_`` config); its ``lr`` keyword, if any, replaces ``lr``.
             Default: AdamW with ``lr`` and ``weight_decay``.
         adapters_only_checkpoints: keep only adapter tensors in checkpoints.
+        scheduler: builds a learning-rate scheduler from the optimizer (e.g.
+            ``functools.partial(torch.optim.lr_scheduler.LinearLR, start_factor=1.0, end_factor=0.0)``);
+            its length (``total_iters``, ``T_max`` or ``total_steps``), unless given, is the run's
+            optimizer steps (``trainer.estimated_stepping_batches``). Stepped after every optimizer
+            step; its state is in checkpoints, so a resumed run continues the same schedule.
+            Default: none (a constant learning rate).
     """
 
     def __init__(
@@ -53,10 +62,12 @@ class QLoRAModule(L.LightningModule):
         weight_decay: float = 0.0,
         adapters_only_checkpoints: bool = False,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self.lr = getattr(optimizer, "keywords", {}).get("lr", lr)
         self.weight_decay = weight_decay
         self.adapters_only_checkpoints = adapters_only_checkpoints
@@ -85,7 +96,7 @@ class QLoRAModule(L.LightningModule):
         return lm_loss
 
     @override
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         groups = adapter_param_groups(self.model, self.lr)
         if not groups:
             raise RuntimeError(
@@ -93,8 +104,13 @@ class QLoRAModule(L.LightningModule):
                 "or inject adapters first (lightning_qlora.adapters.inject_adapters)."
             )
         if self.optimizer_factory is not None:
-            return self.optimizer_factory(groups)
-        return torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+            optimizer = self.optimizer_factory(groups)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, **_schedule_length(self.scheduler_factory, self.trainer))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @override
     def on_train_start(self) -> None:
@@ -111,3 +127,29 @@ class QLoRAModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # checkpoints written before the plugin recorded its settings hold the converted layout
         convert_before_checkpoint_restore(self, checkpoint)
+
+
+#: The keyword that sets a torch scheduler's length in optimizer steps, by scheduler
+#: (LinearLR / PolynomialLR, CosineAnnealingLR, OneCycleLR).
+_LENGTH_KEYWORDS = ("total_iters", "T_max", "total_steps")
+
+
+def _schedule_length(factory: Callable[..., Any], trainer: L.Trainer) -> dict[str, int]:
+    """``{keyword: the run's optimizer steps}`` for a scheduler factory that takes a length and was given none."""
+    function = getattr(factory, "func", factory)
+    given = getattr(factory, "keywords", {}) or {}
+    try:
+        accepted = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return {}
+    for keyword in _LENGTH_KEYWORDS:
+        if keyword in accepted and keyword not in given:
+            steps = trainer.estimated_stepping_batches
+            if not math.isfinite(steps):
+                raise ValueError(
+                    f"the learning-rate schedule needs the run's length ({keyword}) but the trainer has none "
+                    "(max_steps=-1 and max_epochs=-1); set trainer.max_steps, or pass the scheduler its "
+                    f"{keyword}= yourself."
+                )
+            return {keyword: int(steps)}
+    return {}

@@ -200,6 +200,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         skip_modules=tuple(cfg.skip_modules),
     )
     optimizer = _build(cfg.optimizer)
+    scheduler = _build(cfg.scheduler) if cfg.get("scheduler") else None  # scheduler=constant: {}
     callbacks = [_build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     ckpt_path = _resolve_ckpt_path(cfg.ckpt_path, run_dir)
     loggers = [
@@ -217,7 +218,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model, tokenizer = _build(cfg.model)
         data = _build(cfg.data, tokenizer=tokenizer)
         data.setup("test")
-        module = QLoRAModule(model, optimizer=optimizer, adapters_only_checkpoints=cfg.adapters_only_checkpoints)
+        module = QLoRAModule(
+            model, optimizer=optimizer, scheduler=scheduler, adapters_only_checkpoints=cfg.adapters_only_checkpoints
+        )
         plugin.convert_module(module)  # now, so the "before" numbers are the quantized base's (fit skips it)
         results: dict[str, Any] = {
             "run_dir": str(run_dir.resolve()),

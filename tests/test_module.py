@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -40,7 +42,7 @@ def _fit(module: QLoRAModule, steps: int, adapter, tmp_path=None, ckpt_path=None
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=bool(callbacks),
+        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
         callbacks=list(callbacks),
         plugins=[NF4Precision(mode="nf4-dq", compute_dtype="fp32", adapter=adapter)],
     )
@@ -145,3 +147,50 @@ def test_a_prompt_prefix_the_batch_shares_runs_once_with_the_same_loss_and_gradi
     assert shared_grads.keys() == full_grads.keys() and len(shared_grads) > 0
     for name in full_grads:
         torch.testing.assert_close(shared_grads[name], full_grads[name], rtol=1e-4, atol=1e-6)
+
+
+class _LearningRates(L.Callback):
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_a_schedule_is_sized_to_the_run_and_stepped_per_optimizer_step():
+    """LinearLR without total_iters: the module gives it the run's 6 steps; lr_k = lr * (1 - k / 6)."""
+    from functools import partial
+
+    seen = _LearningRates()
+    module = _module(scheduler=partial(torch.optim.lr_scheduler.LinearLR, start_factor=1.0, end_factor=0.0))
+    _fit(module, 6, LoRAConfig(r=4, alpha=8), callbacks=[seen])
+    assert seen.seen == pytest.approx([1e-2 * (1 - k / 6) for k in range(6)])
+
+
+def test_a_schedule_keeps_the_length_it_is_given_and_resumes_where_it_stopped(tmp_path):
+    from functools import partial
+
+    adapter = LoRAConfig(r=4, alpha=8)
+    cosine = partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=20)
+    full = _module(scheduler=cosine)
+    _fit(full, 8, adapter)
+    first = _module(adapters_only_checkpoints=True, scheduler=cosine)
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=4)
+    _fit(first, 4, adapter, callbacks=[checkpoint])
+    seen = _LearningRates()
+    resumed = _module(adapters_only_checkpoints=True, scheduler=cosine)
+    _fit(resumed, 8, adapter, ckpt_path=str(next(tmp_path.glob("*.ckpt"))), callbacks=[seen])
+    assert seen.seen == pytest.approx([1e-2 * (1 + math.cos(math.pi * k / 20)) / 2 for k in range(4, 8)])
+    expected, actual = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_a_schedule_without_a_run_length_is_refused_with_the_fix():
+    from functools import partial
+
+    module = _module(scheduler=partial(torch.optim.lr_scheduler.LinearLR, start_factor=1.0, end_factor=0.0))
+    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, max_steps=-1, logger=False, enable_progress_bar=False)
+    module.trainer = trainer
+    NF4Precision(adapter=LoRAConfig(r=4)).convert_module(module)
+    with pytest.raises(ValueError, match="trainer.max_steps"):
+        module.configure_optimizers()

@@ -26,6 +26,7 @@ GROUPS = {
         "quant",
         "adapter",
         "optimizer",
+        "scheduler",
         "strategy",
         "trainer",
         "logger",
@@ -56,6 +57,7 @@ def test_config_groups_are_the_documented_ones():
     }
     assert {"auto", "paged", "ddp"} <= set(GROUPS["strategy"]) and {"cpu", "gpu", "debug"} <= set(GROUPS["trainer"])
     assert {"csv", "tensorboard", "wandb"} <= set(GROUPS["logger"])
+    assert GROUPS["scheduler"] == ["constant", "cosine", "linear"] and not _compose([]).scheduler  # constant
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g, options in GROUPS.items() for o in options])
