@@ -167,8 +167,11 @@ class GenerationEngine:
         adapter: str | None = None,
         params: SamplingParams | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        stream: bool = True,
     ) -> RequestHandle:
         """Queue a request; ``adapter`` None or ``"base"`` means the base model alone.
+
+        ``stream=False``: the handle gets one event, the whole completion, when the request ends.
 
         Raises:
             UnknownAdapterError: ``adapter`` is not registered.
@@ -202,7 +205,7 @@ class GenerationEngine:
         generator = None
         if params.temperature > 0:
             generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
-        handle = RequestHandle(f"req-{next(self._ids)}", loop)
+        handle = RequestHandle(f"req-{next(self._ids)}", loop, stream)
         request = _Request(
             handle, name, ids, params, generator, time.monotonic(), logits=[] if self.record_logits else None
         )
