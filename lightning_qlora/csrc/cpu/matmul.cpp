@@ -46,15 +46,28 @@ void gemv_rows_scalar(const float* x, int64_t rows, const uint8_t* packed, const
 // Chunks of 32 elements = 16 bytes. x is pre-shuffled per chunk into (16 even, 16 odd)
 // elements so the high nibbles (even elements) and low nibbles (odd elements) each meet
 // their inputs with one aligned load -- no in-register interleave.
+//
+// Independent accumulators: an FMA waits ~4 cycles for the one before it on the same register,
+// so one accumulator per input row capped a batch-1 GEMV at one chunk per ~8 cycles. Even and
+// odd elements accumulate apart, and with one or two input rows two chunks run side by side
+// (four chains per row); the partial sums are added at the end of the output row.
+inline void decode_chunk(const uint8_t* codes, __m512 scaled, __m512i low_mask, __m512& even, __m512& odd) {
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), scaled);
+  odd = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low_mask), scaled);
+}
+
 template <int Rows>
 void gemv_rows_avx512(const float* xs, const uint8_t* packed, const float* absmax, const float* codebook,
                       int64_t out_begin, int64_t out_end, int64_t out_features, int64_t in_features,
                       int64_t blocksize, float* y) {
+  constexpr int kChains = Rows <= 2 ? 4 : 2;  // accumulators per input row
   const __m512 book = _mm512_loadu_ps(codebook);
   const __m512i low_mask = _mm512_set1_epi32(0x0F);
   for (int64_t o = out_begin; o < out_end; ++o) {
-    __m512 acc[Rows];
-    for (int r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
+    __m512 acc[Rows][kChains];
+    for (int r = 0; r < Rows; ++r)
+      for (int c = 0; c < kChains; ++c) acc[r][c] = _mm512_setzero_ps();
     const int64_t row_start = o * in_features;
     // Blocks in order along the row: the codebook is scaled once per block (the same products
     // code[q] * absmax as dequantize_4bit), and no division runs in the inner loop. A block may
@@ -65,20 +78,36 @@ void gemv_rows_avx512(const float* xs, const uint8_t* packed, const float* absma
     while (k < in_features) {
       const int64_t block_end = std::min(in_features, (block + 1) * blocksize - row_start);
       const __m512 scaled = _mm512_mul_ps(book, _mm512_set1_ps(absmax[block]));
+      if constexpr (kChains == 4) {
+        for (; k + 64 <= block_end; k += 64) {  // two chunks of the block at once
+          __m512 even0, odd0, even1, odd1;
+          decode_chunk(packed + (row_start + k) / 2, scaled, low_mask, even0, odd0);
+          decode_chunk(packed + (row_start + k + 32) / 2, scaled, low_mask, even1, odd1);
+          for (int r = 0; r < Rows; ++r) {
+            const float* xr = xs + r * in_features + k;
+            acc[r][0] = _mm512_fmadd_ps(even0, _mm512_loadu_ps(xr), acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(odd0, _mm512_loadu_ps(xr + 16), acc[r][1]);
+            acc[r][2] = _mm512_fmadd_ps(even1, _mm512_loadu_ps(xr + 32), acc[r][2]);
+            acc[r][3] = _mm512_fmadd_ps(odd1, _mm512_loadu_ps(xr + 48), acc[r][3]);
+          }
+        }
+      }
       for (; k < block_end; k += 32) {  // k and block_end are multiples of 32: a chunk lies in one block
-        const __m512i bytes =
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (row_start + k) / 2)));
-        const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), scaled);
-        const __m512 odd = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low_mask), scaled);
+        __m512 even, odd;
+        decode_chunk(packed + (row_start + k) / 2, scaled, low_mask, even, odd);
         for (int r = 0; r < Rows; ++r) {
           const float* xr = xs + r * in_features + k;
-          acc[r] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xr), acc[r]);
-          acc[r] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xr + 16), acc[r]);
+          acc[r][0] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xr), acc[r][0]);
+          acc[r][1] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xr + 16), acc[r][1]);
         }
       }
       ++block;
     }
-    for (int r = 0; r < Rows; ++r) y[r * out_features + o] = _mm512_reduce_add_ps(acc[r]);
+    for (int r = 0; r < Rows; ++r) {
+      __m512 sum = _mm512_add_ps(acc[r][0], acc[r][1]);
+      if constexpr (kChains == 4) sum = _mm512_add_ps(sum, _mm512_add_ps(acc[r][2], acc[r][3]));
+      y[r * out_features + o] = _mm512_reduce_add_ps(sum);
+    }
   }
 }
 
@@ -183,12 +212,16 @@ void compact_rows_scalar(const Weight& w, const float* x, int64_t rows, int64_t 
 }
 
 #ifdef __AVX512F__
+// kChains independent accumulators per input row for few rows (see gemv_rows_avx512): chunks of a
+// block go to them in turn, and the partial sums are added at the end of the output row.
 template <typename Weight, int Rows>
 void compact_rows_avx512(const Weight& w, const float* x, int64_t out_begin, int64_t out_end, int64_t out_features,
                          int64_t in_features, float* y) {
+  constexpr int kChains = Rows <= 2 ? 4 : (Rows <= 4 ? 2 : 1);
   for (int64_t o = out_begin; o < out_end; ++o) {
-    __m512 acc[Rows];
-    for (int r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
+    __m512 acc[Rows][kChains];
+    for (int r = 0; r < Rows; ++r)
+      for (int c = 0; c < kChains; ++c) acc[r][c] = _mm512_setzero_ps();
     // Blocks in order along the row (one scale load per block, no division in the loop).
     const int64_t row_start = o * in_features, blocksize = w.block_size();
     int64_t block = row_start / blocksize;
@@ -196,14 +229,25 @@ void compact_rows_avx512(const Weight& w, const float* x, int64_t out_begin, int
     while (k < in_features) {
       const int64_t block_end = std::min(in_features, (block + 1) * blocksize - row_start);
       const __m512 scale = w.block_scale(block);
+      for (; k + 16 * kChains <= block_end; k += 16 * kChains) {
+        for (int c = 0; c < kChains; ++c) {
+          const __m512 values = w.sixteen(row_start + k + 16 * c, scale);
+          for (int r = 0; r < Rows; ++r)
+            acc[r][c] = _mm512_fmadd_ps(values, _mm512_loadu_ps(x + r * in_features + k + 16 * c), acc[r][c]);
+        }
+      }
       for (; k < block_end; k += 16) {
         const __m512 values = w.sixteen(row_start + k, scale);
         for (int r = 0; r < Rows; ++r)
-          acc[r] = _mm512_fmadd_ps(values, _mm512_loadu_ps(x + r * in_features + k), acc[r]);
+          acc[r][0] = _mm512_fmadd_ps(values, _mm512_loadu_ps(x + r * in_features + k), acc[r][0]);
       }
       ++block;
     }
-    for (int r = 0; r < Rows; ++r) y[r * out_features + o] = _mm512_reduce_add_ps(acc[r]);
+    for (int r = 0; r < Rows; ++r) {
+      __m512 sum = acc[r][0];
+      for (int c = 1; c < kChains; ++c) sum = _mm512_add_ps(sum, acc[r][c]);
+      y[r * out_features + o] = _mm512_reduce_add_ps(sum);
+    }
   }
 }
 
