@@ -87,11 +87,24 @@ def test_the_suite_checks_each_target_against_the_http_figures(bench):
         "engine_tok_s": 70.0,
         "peft_tok_s": 40.0,
         "http_over_peft": 1.5,
-        "target": ">= 50 tok/s",
+        "target": ">= 50 tok/s (2.7x 18.5)",
         "met": True,
     }
     assert bench.target_row(many, rates)["met"] is False
     assert bench.target_row(bench.Workload(2, 2, 8), rates)["met"] is None  # a workload of the CLI: no target
+
+
+def test_with_a_baseline_checkout_the_suite_checks_the_multiples_of_it_too(bench):
+    single, many, staggered = bench.TARGET_SUITE
+    rates = {"http": 45.0, "engine": 50.0, "peft": 20.0, "baseline": 16.0}
+    row = bench.target_row(single, rates)
+    assert row["met"] is False and row["met_against_baseline"] is True  # 45 < 50 tok/s, but 2.81x >= 2.7x
+    assert row["http_over_baseline"] == pytest.approx(45.0 / 16.0, abs=1e-3)
+    assert bench.target_row(many, {**rates, "http": 47.9})["met_against_baseline"] is False  # 2.99x < 3x
+    assert bench.target_row(staggered, rates)["met_against_baseline"] is None  # its target is PEFT's
+    table = bench.format_target_table([row]).splitlines()
+    assert "baseline checkout tok/s" in table[0] and "HTTP / baseline" in table[0]
+    assert table[2].endswith("| 2.81x | met |")
 
 
 def test_the_suite_table_has_one_line_per_workload_and_a_peer_column_only_with_a_peer(bench):
