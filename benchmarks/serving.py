@@ -66,6 +66,7 @@ import requests
 import torch
 
 from lightning_qlora.atomic import atomic_write_text
+from lightning_qlora.ops import set_kernel_threads
 from lightning_qlora.serving.api import DEFAULT_NUM_PAGES, default_server_threads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -617,6 +618,7 @@ def main() -> None:
     workloads = TARGET_SUITE if args.suite else (single,)
     threads = args.threads or default_server_threads()  # what the server runs on when --threads is not given
     torch.set_num_threads(threads)
+    set_kernel_threads(max(threads, os.cpu_count() or 1))  # as ServerConfig.build_engine: the in-process engine too
     peer = args.peer.rstrip("/") if args.peer else None
     from lightning_qlora.models import load_smollm2
 

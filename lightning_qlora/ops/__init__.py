@@ -33,6 +33,26 @@ def build_cuda_extension() -> tuple[bool, float, str | None]:
     return _build.build_result("lightning_qlora_cuda")
 
 
+def set_kernel_threads(threads: int) -> bool:
+    """Threads our compiled CPU kernels may use whatever ``torch.get_num_threads()`` says (0: follow torch).
+
+    Each kernel still chooses by measurement between one thread and that many (csrc/cpu/parallel.h).
+    The serving engine keeps torch on fewer threads (its small per-layer ops) and lets the large
+    products -- the 49152-row ``lm_head`` -- take a second core when it pays. Returns ``False``
+    (nothing to set) when the compiled kernels are not loaded.
+
+    Raises:
+        ValueError: ``threads`` is negative or not an integer.
+    """
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ValueError(f"threads={threads!r} must be an integer >= 0 (0: follow torch.get_num_threads()).")
+    extension = _extension.cpu_extension()
+    if extension is None:
+        return False
+    extension.set_kernel_threads(threads)
+    return True
+
+
 from lightning_qlora.ops._extension import backend
 
 __all__ = [
@@ -43,6 +63,7 @@ __all__ = [
     "build_cuda_extension",
     "num_blocks",
     "op",
+    "set_kernel_threads",
     "qualified_name",
     "reference",
     "schemas",

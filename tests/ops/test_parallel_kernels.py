@@ -223,3 +223,32 @@ def test_one_slow_call_is_not_a_new_machine(extension):
     team[15] = 10.0
     picks = _choices(extension, team, [2.0] * 30)
     assert picks[16:30].count(2) >= 12
+
+
+def test_our_kernels_can_use_more_threads_than_torch():
+    """set_kernel_threads: a team of 2 runs chunks on a helper while torch stays on one thread."""
+    code = """
+import time, torch
+import lightning_qlora
+from lightning_qlora.ops import _extension, op, set_kernel_threads
+from lightning_qlora.quantization import get_codebook
+torch.set_num_threads(1)
+ext = _extension.cpu_extension()
+w, code = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0)), get_codebook("nf4")
+def helper_ran(seconds):
+    chunks, deadline = ext.helper_chunks(), time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        op("quantize_4bit")(w, code, 64)
+        if ext.helper_chunks() > chunks:
+            return True
+    return False
+alone = helper_ran(2)
+set_kernel_threads(2)
+print(alone, helper_ran(60), torch.get_num_threads())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.split() == ["False", "True", "1"]
+    with pytest.raises(ValueError, match="threads=-1"):
+        from lightning_qlora.ops import set_kernel_threads
+
+        set_kernel_threads(-1)

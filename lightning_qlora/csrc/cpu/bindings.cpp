@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <numeric>
 #include <vector>
@@ -22,8 +23,21 @@ namespace lq = lightning_qlora;
 
 namespace {
 
-// Our loops use as many threads as torch.set_num_threads allows (their own pool, see parallel.h).
-void follow_torch_threads() { lq::cpu::set_max_threads(at::get_num_threads()); }
+// Our loops use as many threads as torch.set_num_threads allows (their own pool, see parallel.h),
+// unless set_kernel_threads gave them their own count.
+std::atomic<int64_t> g_kernel_threads{0};
+void follow_torch_threads() {
+  const int64_t own = g_kernel_threads.load(std::memory_order_relaxed);
+  lq::cpu::set_max_threads(own > 0 ? static_cast<int>(own) : at::get_num_threads());
+}
+
+// 0: follow torch's thread count (the default); n > 0: our kernels may use n threads whatever torch
+// uses -- the serving engine keeps torch's small ops on one thread and lets the big products (the
+// lm_head) take a second core when the loop sites measure that it pays.
+void set_kernel_threads(int64_t threads) {
+  TORCH_CHECK(threads >= 0, "set_kernel_threads: threads must be >= 0 (0 follows torch.get_num_threads())");
+  g_kernel_threads.store(threads, std::memory_order_relaxed);
+}
 
 // A fresh large output is backed by untouched pages; writing it costs one page fault per 4 KiB
 // (16k faults for a 64 MB fp32 weight, ~2/3 of the dequantize time measured here). Asking for
@@ -283,5 +297,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_4bit_input_grad", &linear_4bit_input_grad, "grad @ W with a 4-bit weight");
   m.def("linear_compact", &linear_compact, "x @ W^T with an int8-blockwise or bf16 weight");
   m.def("helper_chunks", &lq::cpu::helper_chunks, "chunks run by the loop pool's helper threads so far");
+  m.def("set_kernel_threads", &set_kernel_threads, "threads of our kernels (0: follow torch.get_num_threads())");
   m.def("simulate_thread_choice", &simulate_thread_choice, "a loop site's thread choices for given timings (tests)");
 }

@@ -26,9 +26,9 @@ struct Job {
   int64_t chunks;
   int helpers_wanted;
   std::atomic<int64_t> next{0};
-  int helpers_joined = 0;  // guarded by Pool::mutex
-  int helpers_active = 0;  // guarded by Pool::mutex
-  bool open = true;        // guarded by Pool::mutex: helpers may still join
+  std::atomic<int> helpers_active{0};  // joined and not yet done (the caller waits for 0)
+  int helpers_joined = 0;              // guarded by Pool::mutex
+  bool open = true;                    // guarded by Pool::mutex: helpers may still join
 };
 
 std::atomic<int64_t> g_helper_chunks{0};
@@ -43,13 +43,37 @@ int64_t run_chunks(Job& job) {
   }
 }
 
+// How long a helper that finished a loop (or a caller waiting for its helpers) keeps polling
+// before it sleeps on a condition variable. Waking a sleeping thread costs ~20-40 us on the
+// 2-core VM this was measured on -- as long as a whole SmolLM2-sized GEMV -- while the loops of
+// one forward pass follow each other within microseconds; a short poll bridges those gaps and
+// gives the core back soon after (as lightning_qlora/_openmp.py does for torch's OpenMP threads).
+constexpr int64_t kPollNs = 50'000;
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Polls `done()` for up to kPollNs; true once it holds.
+template <typename Done>
+bool poll_for(const Done& done) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(kPollNs);
+  for (int spin = 0;; ++spin) {
+    if (done()) return true;
+    cpu_relax();
+    if ((spin & 63) == 63 && std::chrono::steady_clock::now() > until) return done();
+  }
+}
+
 // Never destroyed: helpers block on its condition variable until the process exits.
 struct Pool {
   std::mutex mutex;
   std::condition_variable wake;  // helpers: a new job was posted
   std::condition_variable done;  // caller: the last active helper left
-  uint64_t generation = 0;
-  Job* job = nullptr;
+  std::atomic<uint64_t> generation{0};
+  Job* job = nullptr;            // guarded by mutex
   int started = 0;
   std::atomic<bool> busy{false};  // one loop at a time uses the helpers
 
@@ -58,20 +82,24 @@ struct Pool {
   }
 
   void helper() {
-    std::unique_lock<std::mutex> lock(mutex);
-    uint64_t seen = generation;
+    uint64_t seen = generation.load(std::memory_order_acquire);
     for (;;) {
-      wake.wait(lock, [&] { return generation != seen; });
-      seen = generation;
+      poll_for([&] { return generation.load(std::memory_order_acquire) != seen; });
+      std::unique_lock<std::mutex> lock(mutex);
+      wake.wait(lock, [&] { return generation.load(std::memory_order_acquire) != seen; });
+      seen = generation.load(std::memory_order_acquire);
       Job* current = job;
       // Late or surplus helpers do not join: the caller never waits for them.
       if (current == nullptr || !current->open || current->helpers_joined >= current->helpers_wanted) continue;
       ++current->helpers_joined;
-      ++current->helpers_active;
+      current->helpers_active.fetch_add(1, std::memory_order_relaxed);
       lock.unlock();
       g_helper_chunks.fetch_add(run_chunks(*current), std::memory_order_relaxed);
-      lock.lock();
-      if (--current->helpers_active == 0) done.notify_one();
+      // the last touch of the job (it lives on the caller's stack, which may return right after)
+      if (current->helpers_active.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> notify(mutex);  // under the mutex: the caller cannot miss it
+        done.notify_one();
+      }
     }
   }
 };
@@ -316,15 +344,19 @@ int run_loop(int threads, int64_t count, int64_t grain, int64_t chunks,
     std::lock_guard<std::mutex> lock(helpers->mutex);
     helpers->start_helpers(threads - 1);
     helpers->job = &job;
-    ++helpers->generation;
+    helpers->generation.fetch_add(1, std::memory_order_acq_rel);
   }
-  helpers->wake.notify_all();
+  helpers->wake.notify_all();  // no system call when every helper is still polling
   run_chunks(job);
   {
-    std::unique_lock<std::mutex> lock(helpers->mutex);
+    std::lock_guard<std::mutex> lock(helpers->mutex);
     job.open = false;
     helpers->job = nullptr;
-    helpers->done.wait(lock, [&] { return job.helpers_active == 0; });
+  }
+  auto finished = [&] { return job.helpers_active.load(std::memory_order_acquire) == 0; };
+  if (!poll_for(finished)) {
+    std::unique_lock<std::mutex> lock(helpers->mutex);
+    helpers->done.wait(lock, finished);
   }
   helpers->busy.store(false, std::memory_order_release);
   return threads;
