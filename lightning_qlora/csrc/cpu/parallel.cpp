@@ -56,9 +56,12 @@ inline void cpu_relax() {
 #endif
 }
 
-// Polls `done()` for up to kPollNs; true once it holds.
+// Polls `done()` for up to kPollNs; true once it holds. Not while other processes keep the machine
+// busy (machine_load_level): a polling thread would take the core one of them needs, and a helper
+// that is descheduled mid-chunk makes the caller poll in vain.
 template <typename Done>
 bool poll_for(const Done& done) {
+  if (machine_load_level() > 0) return done();
   const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(kPollNs);
   for (int spin = 0;; ++spin) {
     if (done()) return true;
