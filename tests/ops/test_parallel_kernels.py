@@ -252,3 +252,10 @@ print(alone, helper_ran(60), torch.get_num_threads())
         from lightning_qlora.ops import set_kernel_threads
 
         set_kernel_threads(-1)
+
+
+def test_beside_busy_processes_a_team_must_be_clearly_cheaper(extension):
+    """A team 10% cheaper runs on an idle machine; while other processes run (load level > 0) one thread does."""
+    idle = _choices(extension, [0.9] * 40, [1.0] * 40, [0] * 40)
+    busy = _choices(extension, [0.9] * 40, [1.0] * 40, [4] * 40)
+    assert idle[8:].count(2) >= 28 and busy[8:].count(1) >= 28

@@ -219,7 +219,8 @@ void ThreadChoice::record(int threads, double seconds, int64_t chunks) {
   // A team must be clearly cheaper (kTeamMargin): on a tie -- a memory-bound loop such as
   // dequantize, where a second thread adds no bandwidth -- one thread wastes no core and never
   // waits for a descheduled helper.
-  auto best = [&] { return cost(1) < kTeamMargin * cost(0) ? 1 : 0; };
+  const double margin = load_level_ > 0 ? kBusyTeamMargin : kTeamMargin;
+  auto best = [&] { return cost(1) < margin * cost(0) ? 1 : 0; };
   if (measuring_) {
     if (since_epoch(0) < kWarmup || since_epoch(1) < kWarmup) return;
     measuring_ = false;

@@ -52,7 +52,9 @@ class ThreadChoice {
   static constexpr int64_t kStale = 48;
   static constexpr int64_t kFirstInterval = 4;
   static constexpr int64_t kMaxInterval = 32;
-  static constexpr double kTeamMargin = 0.95;  // a team is chosen only if at least 5% cheaper per chunk
+  static constexpr double kTeamMargin = 0.95;  // a team is chosen only if at least 5% cheaper per chunk,
+  static constexpr double kBusyTeamMargin = 0.8;  // 20% while other processes are running (load level > 0):
+                                                  // then a team's few samples are luck more often than not
   static constexpr double kShift = 0.3;
 
   int pick(int threads, int load_level);  // thread count for the next call (1 or `threads`)
