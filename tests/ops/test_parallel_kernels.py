@@ -259,3 +259,43 @@ def test_beside_busy_processes_a_team_must_be_clearly_cheaper(extension):
     idle = _choices(extension, [0.9] * 40, [1.0] * 40, [0] * 40)
     busy = _choices(extension, [0.9] * 40, [1.0] * 40, [4] * 40)
     assert idle[8:].count(2) >= 28 and busy[8:].count(1) >= 28
+
+
+_LOAD_LEVEL = """
+import subprocess, sys, time, torch
+import lightning_qlora
+from lightning_qlora.ops import _extension
+ext = _extension.cpu_extension()
+def settle(seconds):
+    end, level = time.monotonic() + seconds, None
+    while time.monotonic() < end:
+        level = ext.machine_load_level()
+        time.sleep(0.02)
+    return level
+before = settle(0.5)
+torch.set_num_threads(2)
+a = torch.randn(1024, 1024)
+end, own = time.monotonic() + 1.0, 0
+while time.monotonic() < end:  # this process busy on both cores: not "other processes"
+    a @ a
+    own = max(own, ext.machine_load_level())
+busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+try:
+    deadline, other = time.monotonic() + 30, 0
+    while time.monotonic() < deadline and other == 0:
+        other = ext.machine_load_level()
+        time.sleep(0.02)
+finally:
+    for p in busy:
+        p.kill()
+print(before, own, other)
+"""
+
+
+def test_the_load_level_counts_other_processes_not_this_one():
+    """Two spinning processes raise it; this process computing on every core does not (issue 18)."""
+    done = subprocess.run([sys.executable, "-c", _LOAD_LEVEL], capture_output=True, text=True, timeout=300, check=True)
+    before, own, other = (int(v) for v in done.stdout.split())
+    assert other > 0
+    if before == 0:  # an idle test machine: our own work must not look like contention
+        assert own <= 1

@@ -298,5 +298,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_compact", &linear_compact, "x @ W^T with an int8-blockwise or bf16 weight");
   m.def("helper_chunks", &lq::cpu::helper_chunks, "chunks run by the loop pool's helper threads so far");
   m.def("set_kernel_threads", &set_kernel_threads, "threads of our kernels (0: follow torch.get_num_threads())");
+  m.def("machine_load_level", &lq::cpu::machine_load_level, "other processes' CPU use, quarters of the cores (0..4)");
   m.def("simulate_thread_choice", &simulate_thread_choice, "a loop site's thread choices for given timings (tests)");
 }

@@ -5,6 +5,8 @@
 #include <pthread.h>
 #include <unistd.h>
 
+#include <time.h>
+
 #include <cstdio>
 
 #include <algorithm>
@@ -261,22 +263,38 @@ int LoopSite::pick(uint64_t shape, int threads, int load_level) {
 }
 
 namespace {
-std::atomic<int64_t> g_load_checked_ns{INT64_MIN};
+// The load level covers the last ~100 ms: the machine's non-idle CPU time (/proc/stat, in clock
+// ticks of 10 ms) minus this process's own (CLOCK_PROCESS_CPUTIME_ID) -- other processes' work
+// only. Counting runnable threads instead (/proc/loadavg) counted this process's own OpenMP and pool
+// threads, which spin or poll between ops: a training step looked like a busy machine to itself.
+constexpr int64_t kLoadWindowNs = 100'000'000;
+std::mutex g_load_mutex;
+int64_t g_window_start_ns = -1;  // guarded by g_load_mutex, as the two below
+double g_window_machine_s = 0.0;
+double g_window_self_s = 0.0;
 std::atomic<int> g_load_level{0};
 
-// Runnable threads of the whole machine (the 4th field of /proc/loadavg, "running/total"), or -1.
-int runnable_threads() {
-  const int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return -1;
-  char text[128];
+// Non-idle CPU seconds of the whole machine since boot (the first line of /proc/stat), or -1.
+double machine_busy_seconds() {
+  const int fd = open("/proc/stat", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1.0;
+  char text[512];
   const ssize_t size = read(fd, text, sizeof(text) - 1);
   close(fd);
-  if (size <= 0) return -1;
+  if (size <= 0) return -1.0;
   text[size] = '\0';
-  float one, five, fifteen;
-  int running = 0, total = 0;
-  if (sscanf(text, "%f %f %f %d/%d", &one, &five, &fifteen, &running, &total) != 5) return -1;
-  return running;
+  unsigned long long user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0;
+  if (sscanf(text, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &user, &nice, &system, &idle, &iowait, &irq,
+             &softirq, &steal) < 4)
+    return -1.0;
+  const long ticks = sysconf(_SC_CLK_TCK);
+  return static_cast<double>(user + nice + system + irq + softirq + steal) / static_cast<double>(ticks > 0 ? ticks : 100);
+}
+
+double self_cpu_seconds() {
+  timespec now{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &now);
+  return static_cast<double>(now.tv_sec) + 1e-9 * static_cast<double>(now.tv_nsec);
 }
 }  // namespace
 
@@ -284,17 +302,25 @@ int machine_load_level() {
   const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
                           std::chrono::steady_clock::now().time_since_epoch())
                           .count();
-  int64_t checked = g_load_checked_ns.load(std::memory_order_relaxed);
-  if (now - checked < 10'000'000 ||
-      !g_load_checked_ns.compare_exchange_strong(checked, now, std::memory_order_relaxed))
+  std::unique_lock<std::mutex> lock(g_load_mutex, std::try_to_lock);
+  if (!lock.owns_lock() || (g_window_start_ns >= 0 && now - g_window_start_ns < kLoadWindowNs))
     return g_load_level.load(std::memory_order_relaxed);
-  const int running = runnable_threads();
-  const unsigned hardware = std::thread::hardware_concurrency();
-  const int cores = hardware > 0 ? static_cast<int>(hardware) : 1;
-  // The caller itself is running (its helpers sleep between loops): the rest are other work.
-  const int level = running < 0 ? 0 : std::min(4, std::max(0, running - 1) * 4 / cores);
-  g_load_level.store(level, std::memory_order_relaxed);
-  return level;
+  const double machine = machine_busy_seconds(), self = self_cpu_seconds();
+  if (machine < 0.0) return 0;  // no /proc/stat: the level never changes, the choice is by timing alone
+  if (g_window_start_ns >= 0) {
+    const double wall = 1e-9 * static_cast<double>(now - g_window_start_ns);
+    const double others = std::max(0.0, (machine - g_window_machine_s) - (self - g_window_self_s)) / wall;
+    const unsigned hardware = std::thread::hardware_concurrency();
+    const double quarters = others * 4.0 / (hardware > 0 ? hardware : 1);  // 0..4: quarters of the cores
+    const int level = g_load_level.load(std::memory_order_relaxed);
+    // a quarter-level of hysteresis: ticks of 10 ms make a 100 ms window's figure jitter
+    if (quarters > level + 1.25 || quarters < level - 0.25)
+      g_load_level.store(std::min(4, static_cast<int>(quarters)), std::memory_order_relaxed);
+  }
+  g_window_start_ns = now;
+  g_window_machine_s = machine;
+  g_window_self_s = self;
+  return g_load_level.load(std::memory_order_relaxed);
 }
 
 void LoopSite::record(uint64_t shape, int threads, double seconds, int64_t chunks) {

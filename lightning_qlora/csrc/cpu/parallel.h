@@ -80,10 +80,11 @@ class ThreadChoice {
   bool measuring_ = true;  // kWarmup records of each choice since epoch_ before the costs decide
 };
 
-// How busy the machine is beside this process, coarsely: the runnable threads of other processes
-// (Linux /proc/loadavg, read at most every 10 ms) in quarters of the cores, 0..4; always 0 where it
-// cannot be read. Only a change of it matters (ThreadChoice re-measures); the choice itself is
-// always made by timing, so a container that sees its host's load loses nothing but a few probes.
+// How busy the machine is beside this process, coarsely: the CPU time other processes used over the
+// last ~100 ms (Linux /proc/stat less this process's own CPU time) in quarters of the cores, 0..4;
+// always 0 where it cannot be read. A change of it makes ThreadChoice re-measure, a level above 0
+// raises its bar for a team and stops the pool's polling; the choice itself is always made by
+// timing, so a container that sees its host's load loses nothing but a few probes.
 int machine_load_level();
 
 // One kernel's thread choices, one per call shape (count, grain and a kernel-defined variant such as
