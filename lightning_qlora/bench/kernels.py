@@ -270,8 +270,8 @@ def crossover(
     return table
 
 
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.1f}x" if b > 0 else "-"
+def _ratio(a: float, b: float, digits: int = 1) -> str:
+    return f"{a / b:.{digits}f}x" if b > 0 else "-"
 
 
 def report(rows: list[Row], contention: int) -> list[str]:
@@ -304,7 +304,7 @@ def report(rows: list[Row], contention: int) -> list[str]:
         " (target >= 10x)",
         f"  dense F.linear / Linear4bit batch 1: {_ratio(idle('F.linear fp32 batch 1'), idle('Linear4bit fwd batch 1'))}"
         " (target > 1x)",
-        f"  Linear4bit / raw op, batch 1: {_ratio(idle('Linear4bit fwd batch 1'), idle('GEMV batch 1 (linear_4bit op)'))}"
+        f"  Linear4bit / raw op, batch 1: {_ratio(idle('Linear4bit fwd batch 1'), idle('GEMV batch 1 (linear_4bit op)'), 2)}"
         " (target <= 1.2x)",
         f"  input grad: dequantize + matmul / ours: "
         f"{_ratio(idle('dequantize + matmul, grad 512'), idle('input grad batch 512 (op)'))}",
