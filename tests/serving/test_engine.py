@@ -184,3 +184,24 @@ def test_cancel_frees_pages_and_bad_requests_are_refused(tiny_quantized, adapter
         engine.submit("", "base")
     with pytest.raises(InvalidRequestError, match="max_tokens=-1"):
         SamplingParams(max_tokens=-1)
+
+
+def test_a_non_streaming_handle_gets_the_whole_completion_in_one_event(tiny_quantized, adapters_dir):
+    """``stream=False``: one event with the text a stream spells token by token, and the same counts
+    (each event handed over wakes the caller's event loop; an HTTP answer sent whole needs only one)."""
+    engine = _engine(tiny_quantized, adapters_dir, num_pages=2048)
+    params = SamplingParams(max_tokens=8)
+    streamed = engine.submit(PROMPTS[1], "r4-all", params)
+    whole = engine.submit(PROMPTS[1], "r4-all", params, stream=False)
+    engine.run_until_idle()
+    streamed_events, whole_events = list(streamed), list(whole)
+    assert len(streamed_events) > 2  # the stream really came in pieces
+    assert len(whole_events) == 1
+    (event,) = whole_events
+    last = streamed_events[-1]
+    assert event.text == "".join(e.text for e in streamed_events)
+    assert (event.finish_reason, event.prompt_tokens, event.completion_tokens) == (
+        last.finish_reason,
+        last.prompt_tokens,
+        last.completion_tokens,
+    )
