@@ -59,11 +59,12 @@ def test_bad_threshold_is_a_config_error(bad):
         limit_allocator_retention(bad)
 
 
-# A step's temporaries, 1 to 24 MiB, touched and freed, 20 times: prints the page faults of the 20.
+# A step's temporaries, 1 to 23 MiB (138 MiB in all), touched and freed, 20 times: prints the page
+# faults of the 20. ``release`` maps every one of them afresh (a 1 MiB mmap threshold, fixed).
 REUSE_WORKER = """
 import resource, sys, torch
-from lightning_qlora.host_memory import reuse_freed_memory
-applied = reuse_freed_memory() if sys.argv[1] == "reuse" else None
+from lightning_qlora.host_memory import limit_allocator_retention, reuse_freed_memory
+applied = {"reuse": reuse_freed_memory, "release": limit_allocator_retention}.get(sys.argv[1], lambda: None)()
 def step():
     held = [torch.ones((1 + (i * 7) % 24) << 18) for i in range(12)]
     held.clear()
@@ -73,6 +74,7 @@ for _ in range(20):
     step()
 print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
 """
+STEP_PAGES = sum(1 + (i * 7) % 24 for i in range(12)) * (1 << 20) // 4096  # 138 MiB of 4 KiB pages
 
 
 def _faults(mode: str) -> dict:
@@ -84,8 +86,11 @@ def _faults(mode: str) -> dict:
 
 @glibc_linux
 def test_reused_memory_spares_the_page_faults_of_every_step():
-    default, reused = _faults("default"), _faults("reuse")
-    # The control: glibc's defaults map or trim most of each step's temporaries, which fault again.
-    assert default["faults"] > 100_000, default
+    release, reused, default = _faults("release"), _faults("reuse"), _faults("default")
+    # The control, computed by hand: every temporary mapped afresh faults each of its pages, every step.
+    assert release["applied"] is True
+    assert release["faults"] >= 0.9 * 20 * STEP_PAGES, release
     assert reused["applied"] is True
-    assert reused["faults"] < default["faults"] / 10, (default, reused)
+    assert reused["faults"] < 0.05 * 20 * STEP_PAGES, (release, reused, default)
+    # glibc's own defaults (``default``) land anywhere between the two from run to run -- 37k to 520k
+    # faults measured on this VM -- so they are shown in the message above, never pinned.
