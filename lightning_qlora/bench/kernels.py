@@ -5,7 +5,8 @@ row is timed at 1 and 2 threads on the machine as it is ("idle") and, with ``--c
 while ``N`` busy processes (pure Python spin loops) run beside the benchmark. The settings are
 interleaved: a row is timed in :data:`ROUNDS` rounds, each visiting every (phase, threads)
 setting in turn (the busy processes are paused with SIGSTOP for the idle phase and resumed with
-SIGCONT), each visit a short warm-up and then ``R / ROUNDS`` timed calls; a setting's figure is the
+SIGCONT), each visit a warm-up (long enough for our kernels to see the new load and re-choose
+their thread count) and then ``R / ROUNDS`` timed calls; a setting's figure is the
 median of all its calls. So a slow spell of the (shared, noisy) machine lands on every setting
 alike instead of on whichever table was being timed then. The busy processes are bounded (at most
 16, each exits by itself after 30 minutes) and always stopped at the end, also on an error or Ctrl-C.
@@ -52,12 +53,16 @@ class Row:
     times: dict[tuple[str, int], float] = field(default_factory=dict)
 
 
-#: Warm-up before a row is timed: up to this many calls, or this many seconds, at least one call.
-WARMUP_CALLS, WARMUP_SECONDS = 12, 0.5
+#: Warm-up before a row is timed: at least this many calls and seconds, at most the last figure
+#: in seconds (at least one call).
+WARMUP_CALLS, WARMUP_SECONDS, WARMUP_MAX_SECONDS = 12, 0.5, 2.0
 
-#: Warm-up at each visit of an interleaved setting (a new phase or thread count): shorter, the
-#: row's first visit having done the long one.
-VISIT_WARMUP_CALLS, VISIT_WARMUP_SECONDS = 6, 0.2
+#: Warm-up at each visit of an interleaved setting (a new phase or thread count). Long enough for
+#: our loop sites to see a new machine load (csrc/cpu/parallel.h: the load level is read over
+#: ~100 ms windows, and a window that straddles the change can move it in two steps, each followed
+#: by two trial calls of each choice): the timed calls then see the choice a process running beside
+#: steady contention makes, not the transition (which costs at most those trial calls).
+VISIT_WARMUP_CALLS, VISIT_WARMUP_SECONDS, VISIT_WARMUP_MAX_SECONDS = 8, 0.4, 2.0
 
 #: Interleaved rounds per row (see the module docs).
 ROUNDS = 3
@@ -67,13 +72,16 @@ ROUNDS = 3
 SAME_TIME = 0.03
 
 
-def _warm_up(fn: Callable[[], object], calls: int, seconds: float) -> None:
-    fn()
-    deadline = time.perf_counter() + seconds
-    for _ in range(calls - 1):
-        if time.perf_counter() > deadline:
-            break
+def _warm_up(fn: Callable[[], object], calls: int, seconds: float, max_seconds: float) -> None:
+    """Call ``fn`` until ``calls`` calls and ``seconds`` have passed, or ``max_seconds`` (one call at least)."""
+    start = time.perf_counter()
+    done = 0
+    while True:
         fn()
+        done += 1
+        elapsed = time.perf_counter() - start
+        if (done >= calls and elapsed >= seconds) or elapsed >= max_seconds:
+            return
 
 
 def _timed_ms(fn: Callable[[], object], calls: int) -> list[float]:
@@ -88,13 +96,13 @@ def _timed_ms(fn: Callable[[], object], calls: int) -> list[float]:
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``fn`` in ms after a warm-up.
 
-    The warm-up (:data:`WARMUP_CALLS` calls or :data:`WARMUP_SECONDS`, whichever ends first) lets
+    The warm-up (:data:`WARMUP_CALLS` calls and :data:`WARMUP_SECONDS`, within :data:`WARMUP_MAX_SECONDS`) lets
     our kernels' loop sites settle on a thread count as they do in the first calls of any longer
     run (csrc/cpu/parallel.h: two calls of each choice, then the cheaper one); timing from the
     first call would time the trial calls instead of the steady state a training step or a
     generation sees.
     """
-    _warm_up(fn, WARMUP_CALLS, WARMUP_SECONDS)
+    _warm_up(fn, WARMUP_CALLS, WARMUP_SECONDS, WARMUP_MAX_SECONDS)
     return statistics.median(_timed_ms(fn, repeats))
 
 
@@ -239,6 +247,7 @@ def time_rows(rows: list[Row], repeats: int, busy: BusyProcesses | None = None) 
                             row.fn,
                             WARMUP_CALLS if first else VISIT_WARMUP_CALLS,
                             WARMUP_SECONDS if first else VISIT_WARMUP_SECONDS,
+                            WARMUP_MAX_SECONDS if first else VISIT_WARMUP_MAX_SECONDS,
                         )
                         samples[(phase, threads)] += _timed_ms(row.fn, calls)
                 for setting, times in samples.items():

@@ -60,7 +60,9 @@ def test_bad_options_are_refused_before_anything_runs(argv):
         kernels.parse_args(argv)
 
 
-def test_the_benchmark_prints_idle_and_contended_tables_side_by_side(capsys):
+def test_the_benchmark_prints_idle_and_contended_tables_side_by_side(capsys, monkeypatch):
+    for name in ("WARMUP_CALLS", "WARMUP_SECONDS", "VISIT_WARMUP_CALLS", "VISIT_WARMUP_SECONDS"):
+        monkeypatch.setattr(kernels, name, 1 if name.endswith("CALLS") else 0.0)  # the table, not the timings
     bench_main(["kernels", "--size", "128", "--repeats", "1", "--contention", "1"])
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("operation"))
@@ -73,3 +75,24 @@ def test_the_benchmark_prints_idle_and_contended_tables_side_by_side(capsys):
     ):
         assert row in out
     assert "MKL dense, the yardstick:" in out and "F.linear fp32 batch 1 " in out and "OpenMP wait policy" in out and "fused GEMV vs dequantize" in out
+
+
+@pytest.mark.parametrize(
+    ("call_seconds", "expected_calls"),
+    [
+        (1 / 64, 26),  # fast calls: until the 0.4 s a new load level needs to be seen (and re-chosen)
+        (0.2, 8),  # until the 8 calls that cover the trial calls after a change
+        (1.5, 2),  # slow calls: the 2 s cap, one call past it at most
+    ],
+)
+def test_a_visit_warms_up_long_enough_for_the_kernels_to_see_the_new_load(monkeypatch, call_seconds, expected_calls):
+    clock = [0.0]
+    monkeypatch.setattr(kernels.time, "perf_counter", lambda: clock[0])
+    calls = []
+
+    def call():
+        calls.append(clock[0])
+        clock[0] += call_seconds
+
+    kernels._warm_up(call, kernels.VISIT_WARMUP_CALLS, kernels.VISIT_WARMUP_SECONDS, kernels.VISIT_WARMUP_MAX_SECONDS)
+    assert len(calls) == expected_calls
