@@ -86,7 +86,6 @@ def _check_batch_size(batch_size: Any) -> None:
 
 
 def _batches(count: int, batch_size: int, description: str, show_progress: bool) -> Iterator[range]:
-    _check_batch_size(batch_size)
     starts = range(0, count, batch_size)
     with Progress(disable=not show_progress, transient=True) as progress:
         task = progress.add_task(description, total=len(starts))
@@ -250,6 +249,7 @@ def _teacher_forced(
     prompt and the reference before it). Examples whose answer ``max_length`` cuts away entirely are
     left out (with a warning, as in training).
     """
+    _check_batch_size(batch_size)
     encoded = encode_examples_with_indices(tokenizer, examples, max_length, "evaluation")
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][1]["input_ids"]))  # less padding
     pad_id = pad_token_id(tokenizer)
@@ -276,6 +276,12 @@ def _teacher_forced(
     return total, count, greedy
 
 
+def _loss_figures(total: float, count: int) -> dict[str, float]:
+    """Mean answer-token loss and its perplexity; NaN for both when no answer token was scored."""
+    loss = total / count if count else math.nan
+    return {"loss": loss, "perplexity": math.exp(loss)}
+
+
 def evaluate_loss(
     model: nn.Module,
     tokenizer: Any,
@@ -294,11 +300,10 @@ def evaluate_loss(
     and only positions with a target go through the ``lm_head``
     (:func:`~lightning_qlora.lm_loss.shared_prefix_target_logits`, as in training).
     """
-    _check_batch_size(batch_size)
     total, count, _ = _teacher_forced(
         model, tokenizer, examples, batch_size=batch_size, max_length=max_length, show_progress=show_progress
     )
-    return {"loss": total / count, "perplexity": math.exp(total / count)}
+    return _loss_figures(total, count)
 
 
 def _greedy_from_reference(
@@ -350,7 +355,6 @@ def evaluate_instruction_model(
         ``{"exact_match": float in [0, 1], "loss": float, "perplexity": float, "num_examples": int,
         "predictions": list[str]}`` (drop ``predictions`` before logging the rest as metrics).
     """
-    _check_batch_size(batch_size)
     total, count, greedy = _teacher_forced(
         model, tokenizer, examples, batch_size=batch_size, max_length=max_length, show_progress=show_progress
     )
@@ -377,8 +381,7 @@ def evaluate_instruction_model(
     metric.update(predictions, [example.reference for example in examples])
     return {
         "exact_match": float(metric.compute()),
-        "loss": total / count,
-        "perplexity": math.exp(total / count),
+        **_loss_figures(total, count),
         "num_examples": len(examples),
         "predictions": predictions,
         "generated": len(pending),

@@ -72,6 +72,14 @@ def test_loss_is_the_token_weighted_answer_nll(char_tokenizer):
     assert metrics["perplexity"] == pytest.approx(math.exp(total_nll / total_tokens), rel=1e-5)
 
 
+def test_no_examples_score_nan_loss_not_an_error(char_tokenizer):
+    model = make_tiny_llama(len(char_tokenizer), seed=1)
+    metrics = evaluate_loss(model, char_tokenizer, [], batch_size=2, show_progress=False)
+    assert math.isnan(metrics["loss"]) and math.isnan(metrics["perplexity"])
+    result = evaluate_instruction_model(model, char_tokenizer, [], batch_size=2, show_progress=False)
+    assert math.isnan(result["loss"]) and result["num_examples"] == 0 and result["predictions"] == []
+
+
 def test_the_loss_projects_only_answer_positions_of_length_sorted_batches(char_tokenizer, monkeypatch):
     """The vocabulary projection runs only where a target is, and batches group similar lengths (less padding)."""
     model = make_tiny_llama(len(char_tokenizer), seed=1)
