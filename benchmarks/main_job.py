@@ -78,6 +78,7 @@ def _evaluate_like_a_user(model: Any, tokenizer: Any, examples: list[Any]) -> di
     """
     import torch
 
+    from lightning_qlora.data import ExactMatch
     from lightning_qlora.data.chat import pad_batch, pad_token_id
     from lightning_qlora.data.datamodule import encode_examples
     from lightning_qlora.lm_loss import IGNORE_INDEX
@@ -104,8 +105,9 @@ def _evaluate_like_a_user(model: Any, tokenizer: Any, examples: list[Any]) -> di
             count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             total += float(model(**batch).loss) * count
             targets += count
-    exact = sum(p == e.reference.strip() for p, e in zip(predictions, examples)) / len(examples)
-    return {"exact_match": exact, "loss": total / targets, "seconds": time.perf_counter() - start}
+    metric = ExactMatch()  # the same rule as ours: equal after stripping surrounding whitespace
+    metric.update(predictions, [example.reference for example in examples])
+    return {"exact_match": float(metric.compute()), "loss": total / targets, "seconds": time.perf_counter() - start}
 
 
 def run_ours(args: argparse.Namespace, quant: str) -> dict[str, Any]:
