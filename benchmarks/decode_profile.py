@@ -11,15 +11,14 @@ from __future__ import annotations
 import lightning_qlora  # noqa: F401, I001 -- first: it sets OpenMP's spin-then-sleep (lightning_qlora._openmp)
 
 import argparse
-import os
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from lightning_qlora.models import load_smollm2
-from lightning_qlora.ops import set_kernel_threads
 from lightning_qlora.quantization.convert import quantize_linears
+from lightning_qlora.serving.api import use_server_threads
 from lightning_qlora.serving.engine import GenerationEngine
 from lightning_qlora.serving.sampling import SamplingParams
 
@@ -30,8 +29,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rows", type=int, default=20, help="rows of the per-op table")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    set_kernel_threads(max(args.threads, os.cpu_count() or 1))  # as the server (ServerConfig.build_engine)
+    use_server_threads(args.threads)  # as the server (ServerConfig.build_engine)
     model, tokenizer = load_smollm2()
     quantize_linears(model, "nf4", 64, True)
     engine = GenerationEngine(model, tokenizer, num_pages=8192, max_batch_size=8)

@@ -66,8 +66,7 @@ import requests
 import torch
 
 from lightning_qlora.atomic import atomic_write_text
-from lightning_qlora.ops import set_kernel_threads
-from lightning_qlora.serving.api import DEFAULT_NUM_PAGES, default_server_threads
+from lightning_qlora.serving.api import DEFAULT_NUM_PAGES, default_server_threads, use_server_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -616,9 +615,8 @@ def main() -> None:
         parser.error(f"--json {args.json} is a directory; give a file path")
     single = Workload(args.clients or 4, args.requests_per_client or 3, args.max_tokens or 24, args.base_only)
     workloads = TARGET_SUITE if args.suite else (single,)
-    threads = args.threads or default_server_threads()  # what the server runs on when --threads is not given
-    torch.set_num_threads(threads)
-    set_kernel_threads(max(threads, os.cpu_count() or 1))  # as ServerConfig.build_engine: the in-process engine too
+    # what the server runs on when --threads is not given, for the in-process engine and PEFT too
+    threads = use_server_threads(args.threads or default_server_threads())
     peer = args.peer.rstrip("/") if args.peer else None
     from lightning_qlora.models import load_smollm2
 
