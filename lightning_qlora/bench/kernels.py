@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import statistics
 import subprocess
@@ -279,6 +280,31 @@ def crossover(
     return table
 
 
+def fair_share_floor(busy: int, threads: int, cores: int) -> float:
+    """The least busy/idle time ratio of a ``threads``-thread call that keeps every thread working when idle.
+
+    Beside ``busy`` processes that each keep a core busy, the scheduler shares the ``cores`` equally among
+    the ``busy + threads`` runnable threads: the call gets ``threads * cores / (busy + threads)`` cores
+    instead of the ``min(threads, cores)`` it had idle (when that is fewer), so its CPU work takes that
+    much longer -- with no wait for a descheduled thread at all. 2 busy processes beside 2 threads on 2 cores:
+    2.0x. A memory-bound call can beat it (one thread at a time gets more bandwidth), and one thread can
+    when the scheduler leaves it a core of its own.
+
+    Example:
+        >>> fair_share_floor(busy=2, threads=2, cores=2), fair_share_floor(busy=2, threads=2, cores=16)
+        (2.0, 1.0)
+    """
+    if busy < 0 or threads < 1 or cores < 1:
+        raise ValueError(f"busy={busy}, threads={threads}, cores={cores}: need busy >= 0, threads >= 1, cores >= 1")
+    used_idle = min(threads, cores)
+    used_busy = min(used_idle, threads * cores / (busy + threads))
+    return max(1.0, used_idle / used_busy)
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _ratio(a: float, b: float, digits: int = 1) -> str:
     return f"{a / b:.{digits}f}x" if b > 0 else "-"
 
@@ -334,6 +360,11 @@ def report(rows: list[Row], contention: int) -> list[str]:
             f"  busy/idle at 2 threads: worst of ours {worst.name.strip()} "
             f"{_ratio(worst.times[('busy', 2)], worst.times[('idle', 2)])} (target <= 2x); MKL dense, the yardstick: "
             + ", ".join(f"{row.name.strip()} {_ratio(row.times[('busy', 2)], row.times[('idle', 2)])}" for row in dense)
+        )
+        cores = _usable_cores()
+        lines.append(
+            f"  fair share alone (fair_share_floor): a 2-thread call that keeps both threads working when idle takes "
+            f"{fair_share_floor(contention, 2, cores):.1f}x its idle time beside {contention} busy on {cores} cores"
         )
     return lines
 

@@ -74,7 +74,7 @@ def test_the_benchmark_prints_idle_and_contended_tables_side_by_side(capsys, mon
         "F.linear fp32 batch 1",
     ):
         assert row in out
-    assert "MKL dense, the yardstick:" in out and "F.linear fp32 batch 1 " in out and "OpenMP wait policy" in out and "fused GEMV vs dequantize" in out
+    assert "MKL dense, the yardstick:" in out and "fair share alone" in out and "F.linear fp32 batch 1 " in out and "OpenMP wait policy" in out and "fused GEMV vs dequantize" in out
 
 
 @pytest.mark.parametrize(
@@ -96,3 +96,23 @@ def test_a_visit_warms_up_long_enough_for_the_kernels_to_see_the_new_load(monkey
 
     kernels._warm_up(call, kernels.VISIT_WARMUP_CALLS, kernels.VISIT_WARMUP_SECONDS, kernels.VISIT_WARMUP_MAX_SECONDS)
     assert len(calls) == expected_calls
+
+
+@pytest.mark.parametrize(
+    ("busy", "threads", "cores", "floor"),
+    [
+        (2, 2, 2, 2.0),  # the setting on this VM: 4 runnable threads share 2 cores, the call gets 1
+        (1, 2, 2, 1.5),  # 3 threads on 2 cores: the call gets 4/3 of a core
+        (2, 1, 2, 1.5),  # one thread among 3: 2/3 of a core on average
+        (2, 2, 16, 1.0),  # cores to spare: no slowdown by sharing
+        (0, 2, 2, 1.0),  # idle
+        (2, 4, 2, 1.5),  # more threads than cores: idle they shared 2 cores, busy 4/6 of them
+    ],
+)
+def test_the_fair_share_floor_is_the_cores_a_call_loses_to_busy_neighbours(busy, threads, cores, floor):
+    assert kernels.fair_share_floor(busy, threads, cores) == pytest.approx(floor)
+
+
+def test_the_fair_share_floor_refuses_impossible_machines():
+    with pytest.raises(ValueError, match="cores=0"):
+        kernels.fair_share_floor(1, 2, 0)
