@@ -198,6 +198,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         adapter=adapter,
         target_modules=cfg.target_modules,
         skip_modules=tuple(cfg.skip_modules),
+        adaptive_threads=cfg.get("adaptive_threads", False),
     )
     optimizer = _build(cfg.optimizer)
     scheduler = _build(cfg.scheduler) if cfg.get("scheduler") else None  # scheduler=constant: {}

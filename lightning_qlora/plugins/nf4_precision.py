@@ -50,10 +50,12 @@ from lightning_qlora.plugins.checkpoint import (
     save_stash,
     spec_record,
 )
+from lightning_qlora.errors import ConfigError
 from lightning_qlora.plugins.compute_dtype import choose_compute_dtype
 from lightning_qlora.qlora import QLoRAReport, QLoRASpec, apply_qlora, default_adapter
 from lightning_qlora.quantization.linear import Linear4bit
 from lightning_qlora.quantization.tensor import Quantized4bitTensor
+from lightning_qlora.threads import StepThreads
 
 #: set on a module the plugin converted: ``(spec record, converted at construction?)``
 _CONVERTED = "_lightning_qlora_converted"
@@ -84,6 +86,12 @@ class FabricNF4Precision(FabricPrecision):
         adapter: adapter config (default ``LoRAConfig(r=16, alpha=32)``); ``None`` quantizes and freezes only.
         target_modules: Linear layers to adapt (default ``"all-linear"``).
         skip_modules: layers left in float and without adapters (default ``("lm_head",)``).
+        adaptive_threads: run each optimizer step on torch's thread count or on one thread, whichever
+            its measured steps find faster (:class:`lightning_qlora.threads.StepThreads`): beside busy
+            processes a 2-thread step can be several times slower than a 1-thread one. Off by default
+            (a step on another count can round differently, so an exact resume needs a fixed count).
+            The Trainer's steps use it by themselves; with Fabric, run your step in
+            ``with precision.step_threads.step():``.
     """
 
     def __init__(
@@ -94,8 +102,11 @@ class FabricNF4Precision(FabricPrecision):
         adapter: AdapterConfig | None = default_adapter(),  # noqa: B008  (a frozen, immutable dataclass)
         target_modules: str | Sequence[str] = "all-linear",
         skip_modules: Sequence[str] = ("lm_head",),
+        adaptive_threads: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(adaptive_threads, bool):
+            raise ConfigError(f"adaptive_threads={adaptive_threads!r}: give True or False.")
         self.spec = QLoRASpec(
             mode=mode,
             blocksize=blocksize,
@@ -106,6 +117,8 @@ class FabricNF4Precision(FabricPrecision):
         self.compute_dtype = choose_compute_dtype(compute_dtype)
         self._auto_dtype = compute_dtype == "auto"  # measured: a resumed run takes the checkpoint's choice
         self._modules: list[weakref.ref[nn.Module]] = []
+        #: the per-step thread choice (``adaptive_threads=True``), else None
+        self.step_threads = StepThreads() if adaptive_threads else None
 
     # -- conversion ------------------------------------------------------------------------
 
@@ -297,7 +310,9 @@ class NF4Precision(Precision, FabricNF4Precision):
 
     @override
     def optimizer_step(self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
-        output = Precision.optimizer_step(self, optimizer, model, closure, **kwargs)
+        # the closure runs the step's forward and backward inside: the whole step on the chosen count
+        with self.step_threads.step() if self.step_threads is not None else contextlib.nullcontext():
+            output = Precision.optimizer_step(self, optimizer, model, closure, **kwargs)
         self._after_step()
         return output
 
