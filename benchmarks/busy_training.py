@@ -18,7 +18,7 @@ GNU OpenMP's default, what a script that imports ``torch`` first gets.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import itertools
 import statistics
 import time
 from collections.abc import Iterator
@@ -30,26 +30,12 @@ ARMS = ("2 threads", "1 thread", "adaptive")
 
 
 def _steps(steps: int, seed: int) -> Iterator[float]:
-    """An endless supply of the main job's training steps; yields each step's seconds."""
-    from lightning_qlora.adapters import LoRAConfig
-    from lightning_qlora.data import InstructionDataModule, task_paths
+    """An endless supply of the main job's training steps (fp32) over its first ``steps`` batches; yields seconds."""
     from lightning_qlora.lm_loss import causal_lm_loss
-    from lightning_qlora.models import load_smollm2
-    from lightning_qlora.plugins import FabricNF4Precision
+    from main_job import training_setup  # benchmarks/ is on sys.path when this runs as a script
 
-    torch.manual_seed(seed)
-    model, tokenizer = load_smollm2()
-    plugin = FabricNF4Precision(adapter=LoRAConfig(r=16, alpha=32.0, dropout=0.05), compute_dtype="fp32")
-    plugin.convert_module(model)
-    model.train()
-    data = InstructionDataModule(
-        tokenizer, **task_paths("iso_dates"), batch_size=8, max_length=64, system_prompt="", seed=seed
-    )
-    data.setup("fit")
-    batches = [batch for _, batch in zip(range(steps), data.train_dataloader())]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    for index in range(1 << 62):
-        batch = batches[index % len(batches)]
+    model, _, batches, optimizer = training_setup(seed, steps, compute_dtype="fp32")
+    for batch in itertools.cycle(batches):
         start = time.perf_counter()
         loss = causal_lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         loss.backward()

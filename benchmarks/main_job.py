@@ -262,33 +262,48 @@ def _plain_lora_delta(layer: Any, x: Any, base_out: Any) -> Any:
     return linear(linear(dropped, layer.lora_A.to(x.dtype)), layer.lora_B.to(x.dtype)) * layer.scaling
 
 
+def training_setup(seed: int, batches: int, compute_dtype: str = "auto") -> tuple[Any, Any, list[Any], Any]:
+    """The main job's training in one process: ``(model, plugin, batches, optimizer)``.
+
+    SmolLM2-135M converted by ``FabricNF4Precision`` (NF4+DQ, LoRA r=16 alpha 32 dropout 0.05 on every
+    linear layer but ``lm_head``), in train mode; the first ``batches`` batches of iso_dates (batch 8);
+    AdamW lr 1e-3 over the adapters. For the step benchmarks (``--step-ab``, ``busy_training.py``).
+    """
+    import torch
+
+    from lightning_qlora.adapters import LoRAConfig
+    from lightning_qlora.data import InstructionDataModule, task_paths
+    from lightning_qlora.models import load_smollm2
+    from lightning_qlora.plugins import FabricNF4Precision
+
+    torch.manual_seed(seed)
+    model, tokenizer = load_smollm2()
+    plugin = FabricNF4Precision(
+        mode="nf4-dq", adapter=LoRAConfig(r=16, alpha=32.0, dropout=0.05), compute_dtype=compute_dtype
+    )
+    plugin.convert_module(model)
+    model.train()
+    data = InstructionDataModule(
+        tokenizer, **task_paths("iso_dates"), batch_size=8, max_length=64, system_prompt="", seed=seed
+    )
+    data.setup("fit")
+    chosen = [batch for _, batch in zip(range(batches), data.train_dataloader())]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    return model, plugin, chosen, optimizer
+
+
 def step_ab(args: argparse.Namespace) -> dict[str, Any]:
     """Median seconds of one main-job training step per variant, interleaved in one process."""
     import contextlib
 
     import torch
 
-    from lightning_qlora.adapters import LoRAConfig
     from lightning_qlora.adapters.lora import LoRALayer
-    from lightning_qlora.data import InstructionDataModule, task_paths
-    from lightning_qlora.models import load_smollm2
     from lightning_qlora.module import causal_lm_loss
-    from lightning_qlora.plugins import FabricNF4Precision
     from lightning_qlora.plugins.compute_dtype import measured_compute_dtypes
     from lightning_qlora.quantization import matmul_dtype
 
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_smollm2()
-    plugin = FabricNF4Precision(mode="nf4-dq", adapter=LoRAConfig(r=16, alpha=32.0, dropout=0.05))
-    plugin.convert_module(model)
-    model.train()
-    data = InstructionDataModule(
-        tokenizer, **task_paths("iso_dates"), batch_size=8, max_length=64, system_prompt="", seed=args.seed
-    )
-    data.setup("fit")
-    batches = list(zip(range(args.step_ab + 1), data.train_dataloader()))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    model, plugin, batches, optimizer = training_setup(args.seed, args.step_ab + 1)
     fused_delta = LoRALayer.delta
     variants = {
         "fp32, fused LoRA": (contextlib.nullcontext, fused_delta),
@@ -298,7 +313,7 @@ def step_ab(args: argparse.Namespace) -> dict[str, Any]:
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     try:
-        for index, (_, batch) in enumerate(batches):
+        for index, batch in enumerate(batches):
             for name, (context, delta) in variants.items():
                 LoRALayer.delta = delta
                 start = time.perf_counter()

@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 
@@ -43,6 +44,14 @@ import torch
 from lightning_qlora.errors import ConfigError
 
 ONE, TEAM = 0, 1
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity (a container or ``taskset`` may allow fewer than
+    ``os.cpu_count()``), the CPU count where the platform has no affinity."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class StepThreads:

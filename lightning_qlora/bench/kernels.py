@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import signal
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lightning_qlora.errors import ConfigError
+from lightning_qlora.threads import usable_cores
 
 MAX_BUSY = 16
 BUSY_SECONDS = 1800
@@ -301,10 +301,6 @@ def fair_share_floor(busy: int, threads: int, cores: int) -> float:
     return max(1.0, used_idle / used_busy)
 
 
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _ratio(a: float, b: float, digits: int = 1) -> str:
     return f"{a / b:.{digits}f}x" if b > 0 else "-"
 
@@ -361,7 +357,7 @@ def report(rows: list[Row], contention: int) -> list[str]:
             f"{_ratio(worst.times[('busy', 2)], worst.times[('idle', 2)])} (target <= 2x); MKL dense, the yardstick: "
             + ", ".join(f"{row.name.strip()} {_ratio(row.times[('busy', 2)], row.times[('idle', 2)])}" for row in dense)
         )
-        cores = _usable_cores()
+        cores = usable_cores()
         lines.append(
             f"  fair share alone (fair_share_floor): a 2-thread call that keeps both threads working when idle takes "
             f"{fair_share_floor(contention, 2, cores):.1f}x its idle time beside {contention} busy on {cores} cores"

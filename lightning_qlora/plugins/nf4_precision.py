@@ -40,6 +40,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_qlora.adapters import AdapterConfig, adapter_extra_loss, after_optimizer_step
+from lightning_qlora.errors import ConfigError
 from lightning_qlora.plugins.checkpoint import (
     CheckpointMismatchError,
     check_spec,
@@ -50,7 +51,6 @@ from lightning_qlora.plugins.checkpoint import (
     save_stash,
     spec_record,
 )
-from lightning_qlora.errors import ConfigError
 from lightning_qlora.plugins.compute_dtype import choose_compute_dtype
 from lightning_qlora.qlora import QLoRAReport, QLoRASpec, apply_qlora, default_adapter
 from lightning_qlora.quantization.linear import Linear4bit

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import time
 import types
 import uuid
@@ -51,6 +50,7 @@ from lightning_qlora.serving.errors import (
 )
 from lightning_qlora.serving.handles import RequestHandle
 from lightning_qlora.serving.sampling import SamplingParams
+from lightning_qlora.threads import usable_cores
 
 MODELS = ("tiny", "smollm2")
 #: pages in the server's pool by default: 192 MB of float32 pages of 1536 floats for SmolLM2, which
@@ -69,13 +69,7 @@ def default_server_threads() -> int:
     Usable cores are the process's CPU affinity where the OS reports one (a container or ``taskset``
     may allow fewer than ``os.cpu_count()``).
     """
-    return max(1, _usable_cores() - 1)
-
-
-def _usable_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    return max(1, usable_cores() - 1)
 
 
 def use_server_threads(threads: int | None = None) -> int:
@@ -89,7 +83,7 @@ def use_server_threads(threads: int | None = None) -> int:
     """
     threads = threads if threads is not None else default_server_threads()
     torch.set_num_threads(threads)
-    set_kernel_threads(max(threads, _usable_cores()))
+    set_kernel_threads(max(threads, usable_cores()))
     return threads
 
 
