@@ -158,3 +158,30 @@ def test_without_adaptive_threads_the_count_is_the_users():
 def test_a_bad_adaptive_threads_value_is_refused():
     with pytest.raises(ConfigError, match="adaptive_threads='yes'"):
         NF4Precision(adaptive_threads="yes")
+
+
+def test_a_fabric_loop_runs_its_step_through_the_precision_choice():
+    from lightning_qlora.plugins import FabricNF4Precision
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        precision = FabricNF4Precision(compute_dtype="fp32", adaptive_threads=True)
+        fabric = L.Fabric(accelerator="cpu", devices=1, plugins=[precision])
+        L.seed_everything(0)
+        model = fabric.setup_module(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)))
+        optimizer = fabric.setup_optimizers(
+            torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        )
+        x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+        seen = []
+        for _ in range(4):
+            with precision.step_threads.step():  # the user's whole step: forward, backward, update
+                seen.append(torch.get_num_threads())
+                fabric.backward(model(x).square().mean())
+                optimizer.step()
+                optimizer.zero_grad()
+        assert seen == precision.step_threads.history == [2, 1, 2, 1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
