@@ -16,13 +16,20 @@ Arms (each in its own subprocess, so peak RSS is each arm's own; alternating, ``
   the evaluation a transformers user writes (:func:`_evaluate_like_a_user`: batched greedy
   ``generate`` and ``model(**batch).loss``, same prompts, batch 50, 12 new tokens);
   ``--peer-eval ours`` gives it our evaluation function instead (then only the forward passes differ);
-* ``float`` -- ours with ``quant=none`` (LoRA on the float base), the exact-match reference.
+* ``float`` -- ours with ``quant=none`` (LoRA on the float base), the exact-match reference;
+* ``peft-float`` (not run by default) -- the ``peft`` arm on the float model, so each seed pairs the peer's
+  NF4 run with its float run (both reseed just before ``get_peft_model``: the same LoRA init and
+  dropout draws), as ``ours`` and ``float`` pair.
 
 bitsandbytes 0.50.2 on a CPU with AVX512-BF16 repacks a ``Linear4bit``'s weight for a bf16 kernel
 with no backward the first time the layer runs in eval mode without gradients; training after an
 evaluation then silently drops every gradient through the frozen base. The ``peft`` arm undoes the
 repacking after each evaluation (:func:`_restore_bnb_training_layout`), which is what a user must do
 to train correctly; ours needs nothing (``tests/quantization/test_eval_then_train.py``).
+
+Each row records OpenMP's wait policy (``openmp``): the ``ours`` and ``float`` workers import
+``lightning_qlora`` first, as the console script does, so they run with its ``GOMP_SPINCOUNT``; the
+peer's script loads torch first and runs with OpenMP's default, as a transformers user's would.
 
 Prints one line per arm and round, then a table of medians and the ratios against ``ours``;
 ``--json PATH`` writes everything.
@@ -35,6 +42,7 @@ update vs the plain composition (``nn.Dropout`` + two ``F.linear`` + scale, what
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import statistics
@@ -45,7 +53,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ARMS = ("ours", "peft", "float")
+ARMS = ("ours", "peft", "float", "peft-float")
+DEFAULT_ARMS = ("ours", "peft", "float")
 
 
 #: The evaluation's batch size and answer length, as conf/train.yaml's ``evaluate`` (and ``data.max_length``).
@@ -112,6 +121,8 @@ def _evaluate_like_a_user(model: Any, tokenizer: Any, examples: list[Any]) -> di
 
 def run_ours(args: argparse.Namespace, quant: str) -> dict[str, Any]:
     """The app's own main job (``lightning_qlora.train.run``) with the benchmark's lengths."""
+    # first, as in the console script: importing lightning_qlora sets OpenMP's wait policy before torch loads it
+    import lightning_qlora  # noqa: F401, I001
     import torch
     from hydra import compose, initialize_config_dir
 
@@ -127,6 +138,7 @@ def run_ours(args: argparse.Namespace, quant: str) -> dict[str, Any]:
             f"quant={quant}",
             f"compute_dtype={args.compute_dtype}",
             f"scheduler={args.schedule}",
+            f"adapter.dropout={args.lora_dropout}",
             f"run_dir={run_dir}",
             "callbacks=none",
             "logger=csv",
@@ -150,25 +162,37 @@ def run_ours(args: argparse.Namespace, quant: str) -> dict[str, Any]:
     }
 
 
-def _restore_bnb_training_layout(model: Any) -> int:
-    """Undo bitsandbytes' CPU inference repacking (it has no backward); returns the layers restored."""
+def _bnb_training_layout(model: Any) -> dict[Any, tuple[Any, Any]]:
+    """Each bitsandbytes ``Linear4bit``'s packed weight and a copy of its quant state, as loaded."""
     import bitsandbytes as bnb
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
+    return {
+        module: (module.weight.data, copy.deepcopy(module.weight.quant_state))
+        for module in model.modules()
+        if isinstance(module, bnb.nn.Linear4bit)
+    }
+
+
+def _restore_bnb_training_layout(model: Any, loaded: dict[Any, tuple[Any, Any]]) -> int:
+    """Put back the loaded layout (``_bnb_training_layout``) of every layer bitsandbytes repacked; returns their count.
+
+    bitsandbytes' CPU inference repacking has no backward. Its own inverse
+    (``_convert_weight_packed_for_cpu_inverse``) does not give the layer back: the repacking rounded the
+    absmax to bf16 and the inverse double-quantizes that again, so a peer restored that way trains on
+    another base after each evaluation. The repacking replaces the weight tensor (the loaded one is
+    untouched) and edits the quant state in place, hence the copy.
+    """
     restored = 0
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and getattr(
-            module.weight.quant_state, "packing_format_for_cpu", False
-        ):
-            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                module.weight.data, module.weight.quant_state
-            )
+        if module in loaded and getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            data, state = loaded[module]
+            module.weight.data, module.weight.quant_state = data, copy.deepcopy(state)
             restored += 1
     return restored
 
 
-def run_peft(args: argparse.Namespace) -> dict[str, Any]:
-    """transformers + bitsandbytes NF4 + PEFT + a plain loop, on our batches and evaluation."""
+def run_peft(args: argparse.Namespace, quantized: bool = True) -> dict[str, Any]:
+    """transformers + bitsandbytes NF4 (``quantized``; else the float model) + PEFT + a plain loop, on our batches."""
     import lightning as L
     import torch
     from peft import LoraConfig, get_peft_model
@@ -189,7 +213,11 @@ def run_peft(args: argparse.Namespace) -> dict[str, Any]:
     with read_directory(default_cache_dir()) as directory:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float32, quantization_config=quantization, device_map="cpu", local_files_only=True
+            directory,
+            dtype=torch.float32,
+            quantization_config=quantization if quantized else None,
+            device_map="cpu",
+            local_files_only=True,
         )
     data = InstructionDataModule(
         tokenizer,
@@ -204,13 +232,17 @@ def run_peft(args: argparse.Namespace) -> dict[str, Any]:
     data.setup("test")
     test = data.examples["test"][: args.eval_examples]
     evaluate = _evaluate if args.peer_eval == "ours" else _evaluate_like_a_user
+    loaded = _bnb_training_layout(model)
     model.eval()
     before = evaluate(model, tokenizer, test)
-    restored = _restore_bnb_training_layout(model)
+    restored = _restore_bnb_training_layout(model, loaded)
 
     fit_start = time.perf_counter()
+    torch.manual_seed(args.seed)  # the same LoRA init and dropout draws with and without quantization: a pair
     model = get_peft_model(
-        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+        model, LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=args.lora_dropout, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
     )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999))
@@ -237,7 +269,7 @@ def run_peft(args: argparse.Namespace) -> dict[str, Any]:
                 with torch.no_grad():
                     for val in val_batches:
                         model(**val)
-                restored += _restore_bnb_training_layout(model)
+                restored += _restore_bnb_training_layout(model, loaded)
                 model.train()
             if step == args.steps:
                 break
@@ -248,7 +280,7 @@ def run_peft(args: argparse.Namespace) -> dict[str, Any]:
         "train_seconds": train_seconds,
         "before": before,
         "after": after,
-        "compute_dtype": "fp32",
+        "compute_dtype": "fp32" if quantized else "fp32 (float base)",
         "bnb_layers_restored_for_training": restored,
     }
 
@@ -342,9 +374,12 @@ def worker(args: argparse.Namespace) -> None:
         if args.worker == "ours"
         else run_ours(args, "none")
         if args.worker == "float"
-        else run_peft(args)
+        else run_peft(args, quantized=args.worker == "peft")
     )
+    from lightning_qlora._openmp import wait_policy
+
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["openmp"] = wait_policy()
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -366,6 +401,8 @@ def _spawn(arm: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
         args.peer_eval,
         "--schedule",
         args.schedule,
+        "--lora-dropout",
+        str(args.lora_dropout),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -405,13 +442,35 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
+#: the NF4 arms and the float arm each is paired with (same seed: same LoRA init, dropout draws and batches)
+PAIRS = {"ours": "float", "peft": "peft-float"}
+
+
+def nf4_minus_float(rows: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """Exact match after training, NF4 arm minus its float pair, in points per seed (means over rounds)."""
+
+    def mean_after(arm: str, seed: int) -> float | None:
+        scores = [row["after"]["exact_match"] for row in rows if row["arm"] == arm and row["seed"] == seed]
+        return 100 * statistics.mean(scores) if scores else None
+
+    gaps: dict[str, dict[int, float]] = {}
+    for nf4, float_arm in PAIRS.items():
+        for seed in sorted({row["seed"] for row in rows}):
+            quantized, reference = mean_after(nf4, seed), mean_after(float_arm, seed)
+            if quantized is not None and reference is not None:
+                gaps.setdefault(nf4, {})[seed] = quantized - reference
+    return gaps
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="training steps (the main job: 30)")
     parser.add_argument("--eval-examples", type=int, default=150, help="test examples evaluated before and after")
     parser.add_argument("--rounds", type=int, default=2, help="rounds; each runs every arm once, alternating")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (one round per seed and round)")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument(
+        "--arms", nargs="+", default=list(DEFAULT_ARMS), choices=ARMS, help="arms to run (default: %(default)s)"
+    )
     parser.add_argument(
         "--compute-dtype",
         default="auto",
@@ -423,6 +482,12 @@ def main(argv: list[str] | None = None) -> int:
         default="constant",
         choices=["constant", "linear"],
         help="learning-rate schedule of every arm (conf/scheduler/; the main job's: constant)",
+    )
+    parser.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=0.05,
+        help="LoRA dropout of every arm (the main job's: 0.05, conf/adapter/lora.yaml)",
     )
     parser.add_argument(
         "--peer-eval",
@@ -473,13 +538,27 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * row['em_after']:7.1f}% {row.get('train_x', float('nan')):10.2f} "
             f"{row.get('eval_x', float('nan')):9.2f} {row.get('rss_x', float('nan')):8.2f}"
         )
+    gaps = nf4_minus_float(rows)
+    for arm, per_seed in gaps.items():
+        listed = " / ".join(f"{gap:+.1f}" for gap in per_seed.values())
+        print(
+            f"exact match, {arm} minus {PAIRS[arm]}, seeds {' / '.join(map(str, per_seed))}: {listed} points "
+            f"(mean {statistics.mean(per_seed.values()):+.1f})"
+        )
     if args.json is not None:
         from lightning_qlora.atomic import atomic_write_text
 
         atomic_write_text(
             args.json,
             json.dumps(
-                {"args": vars(args) | {"json": str(args.json)}, "rows": rows, "summary": table}, indent=2, default=str
+                {
+                    "args": vars(args) | {"json": str(args.json)},
+                    "rows": rows,
+                    "summary": table,
+                    "nf4_minus_float": gaps,
+                },
+                indent=2,
+                default=str,
             ),
         )
     return 0

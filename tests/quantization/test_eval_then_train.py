@@ -118,3 +118,51 @@ def test_bitsandbytes_drops_the_input_gradient_after_an_evaluation_here():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert _input_grad(theirs, x, grad_out) is None
+
+
+@pytest.fixture(scope="module")
+def main_job(benchmark_module):
+    return benchmark_module("main_job")
+
+
+def _evaluate_then_train_grad(layer: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tensor, restore) -> torch.Tensor:
+    _run_modes(layer, MODE_SEQUENCES["eval, no grad"], x)
+    restore()
+    layer.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _input_grad(layer, x, grad_out)
+
+
+@pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="the repacking only happens on AVX512-BF16 CPUs")
+def test_bitsandbytes_own_inverse_of_the_repacking_changes_the_layer_here():
+    # why the benchmark's peer keeps its own copy: bitsandbytes' inverse rounds the absmax through bf16
+    # and double-quantizes it again, so training after an evaluation would run on another base.
+    _, state = _layers()
+    x, grad_out = torch.randn(6, 128), torch.randn(6, 96)
+    fresh = _input_grad(_theirs(state, bias=False).train(), x, grad_out)
+    theirs = _theirs(state, bias=False)
+
+    def inverse() -> None:
+        weight = theirs.weight
+        weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(
+            weight.data, weight.quant_state
+        )
+
+    after = _evaluate_then_train_grad(theirs, x, grad_out, inverse)
+    assert after is not None and not torch.equal(after, fresh)
+
+
+@pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="the repacking only happens on AVX512-BF16 CPUs")
+def test_the_main_job_peer_trains_on_the_base_it_loaded_after_each_evaluation(main_job):
+    _, state = _layers()
+    x, grad_out = torch.randn(6, 128), torch.randn(6, 96)
+    fresh = _input_grad(_theirs(state, bias=False).train(), x, grad_out)
+    model = torch.nn.Sequential(_theirs(state, bias=False))
+    loaded = main_job._bnb_training_layout(model)
+    for _ in range(2):  # every evaluation repacks again; every restore gives back the layer as loaded
+        after = _evaluate_then_train_grad(
+            model[0], x, grad_out, lambda: main_job._restore_bnb_training_layout(model, loaded)
+        )
+        assert after is not None and torch.equal(after, fresh)
+    assert main_job._restore_bnb_training_layout(model, loaded) == 0  # nothing repacked: nothing to do

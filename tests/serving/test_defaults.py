@@ -3,11 +3,9 @@ issue-16 suite: its targets, its table, and its wiring with every measurement fa
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import sys
-from pathlib import Path
+import os
 
 import pytest
 import torch
@@ -15,18 +13,9 @@ import torch
 from lightning_qlora.serving.api import DEFAULT_NUM_PAGES, OpenAIAdapterSpec, ServerConfig, default_server_threads
 from lightning_qlora.serving.cli import USAGE
 
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "serving.py"
-
-
 @pytest.fixture(scope="module")
-def bench():
-    """``benchmarks/serving.py`` as a module (``benchmarks`` is not a package)."""
-    spec = importlib.util.spec_from_file_location("serving_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def bench(benchmark_module):
+    return benchmark_module("serving")
 
 
 @pytest.fixture
