@@ -106,3 +106,32 @@ def test_outputs_equal_peft(two_proj, method, nf4):
         expected = peft_model(x)
         actual = ours(x)
     assert torch.allclose(actual, expected, atol=1e-5, rtol=0), (actual - expected).abs().max()
+
+
+def test_lora_training_on_the_nf4_base_follows_peft_and_bitsandbytes_step_by_step(two_proj):
+    # the main job's NF4 arms differ only in implementation: the same AdamW steps with gradient
+    # clipping from the same weights give the same losses and adapters (train mode, no dropout)
+    ours, theirs_base = _bases(two_proj, nf4=True)
+    inject_adapters(ours, LoRAConfig(r=4, alpha=8), TARGETS)
+    peft_model = peft.get_peft_model(theirs_base, _peft_config("lora"))
+    _randomize_and_copy(peft_model, ours, "lora")
+    runs = []
+    for model in (ours, peft_model):
+        params = [p for p in model.parameters() if p.requires_grad]
+        runs.append((model.train(), params, torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)))
+    data = torch.Generator().manual_seed(2)
+    for _ in range(10):
+        x, target = torch.randn(6, 128, generator=data), torch.randn(6, 16, generator=data)
+        losses = []
+        for model, params, optimizer in runs:
+            loss = nn.functional.mse_loss(model(x), target)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for name, layer in adapter_layers(ours).items():
+        theirs = peft_model.base_model.model.get_submodule(name)
+        torch.testing.assert_close(layer.lora_A, theirs.lora_A["default"].weight, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer.lora_B, theirs.lora_B["default"].weight, rtol=1e-4, atol=1e-6)
