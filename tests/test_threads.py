@@ -114,13 +114,14 @@ class _Tiny(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-def _fit(plugin: NF4Precision, steps: int) -> _Tiny:
+def _fit(plugin: NF4Precision, steps: int, strategy: object = "auto") -> _Tiny:
     generator = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(steps * 4, 64, generator=generator), torch.randn(steps * 4, 8))
     model = _Tiny()
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=steps,
+        strategy=strategy,
         plugins=[plugin],
         logger=False,
         enable_checkpointing=False,
@@ -140,6 +141,22 @@ def test_the_trainer_runs_every_step_through_the_choice_and_gives_the_threads_ba
         assert torch.get_num_threads() == 2  # the user's count after fit
         assert plugin.step_threads is not None and plugin.step_threads.history == model.threads_seen
         assert model.threads_seen[:4] == [2, 1, 2, 1]  # the training step itself ran on the chosen count
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_fsdp_runs_every_step_through_the_choice_as_the_plain_plugin_does():
+    from lightning_qlora.plugins import FSDPNF4Precision
+    from lightning_qlora.strategies import QLoRAFSDPStrategy
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        plugin = FSDPNF4Precision(compute_dtype="fp32", adaptive_threads=True)
+        model = _fit(plugin, 6, strategy=QLoRAFSDPStrategy())
+        assert torch.get_num_threads() == 2
+        assert plugin.qlora.step_threads.history == model.threads_seen
+        assert model.threads_seen[:4] == [2, 1, 2, 1]
     finally:
         torch.set_num_threads(previous)
 

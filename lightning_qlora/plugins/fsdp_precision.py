@@ -10,6 +10,7 @@ of FSDP's flat parameters.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -37,6 +38,7 @@ class FSDPNF4Precision(FSDPPrecision):
         adapter: AdapterConfig | None = default_adapter(),  # noqa: B008  (a frozen, immutable dataclass)
         target_modules: str | Sequence[str] = "all-linear",
         skip_modules: Sequence[str] = ("lm_head",),
+        adaptive_threads: bool = False,
     ) -> None:
         self.qlora = FabricNF4Precision(
             mode=mode,
@@ -45,6 +47,7 @@ class FSDPNF4Precision(FSDPPrecision):
             adapter=adapter,
             target_modules=target_modules,
             skip_modules=skip_modules,
+            adaptive_threads=adaptive_threads,
         )
         super().__init__(precision=_FSDP_PRECISION[self.qlora.compute_dtype])  # type: ignore[arg-type]
 
@@ -78,6 +81,4 @@ class FSDPNF4Precision(FSDPPrecision):
 
     @override
     def optimizer_step(self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
-        output = super().optimizer_step(optimizer, model, closure, **kwargs)
-        self.qlora._after_step()
-        return output
+        return self.qlora._trainer_step(functools.partial(super().optimizer_step, optimizer, model, closure, **kwargs))

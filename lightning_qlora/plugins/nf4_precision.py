@@ -26,6 +26,7 @@ gives LoRA+ its faster B).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -211,6 +212,14 @@ class FabricNF4Precision(FabricPrecision):
         for module in self._converted_modules():
             after_optimizer_step(module)
 
+    def _trainer_step(self, step: Callable[[], Any]) -> Any:
+        """A Trainer's optimizer step (its closure runs the forward and backward) on the chosen thread
+        count (``adaptive_threads``), then the adapters' after-step work; returns ``step()``'s output."""
+        with self.step_threads.step() if self.step_threads is not None else contextlib.nullcontext():
+            output = step()
+        self._after_step()
+        return output
+
     @override
     def backward(self, tensor: torch.Tensor, model: Any, *args: Any, **kwargs: Any) -> None:
         # Fabric ignores what pre_backward returns, so the extra loss joins here (the Trainer's is pre_backward)
@@ -310,11 +319,7 @@ class NF4Precision(Precision, FabricNF4Precision):
 
     @override
     def optimizer_step(self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
-        # the closure runs the step's forward and backward inside: the whole step on the chosen count
-        with self.step_threads.step() if self.step_threads is not None else contextlib.nullcontext():
-            output = Precision.optimizer_step(self, optimizer, model, closure, **kwargs)
-        self._after_step()
-        return output
+        return self._trainer_step(functools.partial(Precision.optimizer_step, self, optimizer, model, closure, **kwargs))
 
     @override
     def state_dict(self) -> dict[str, Any]:
