@@ -383,27 +383,14 @@ def worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+#: the run's settings every worker gets as given (``args`` attribute names; each is a ``--flag`` of the same name)
+WORKER_SETTINGS = ("steps", "eval_examples", "compute_dtype", "peer_eval", "schedule", "lora_dropout")
+
+
 def _spawn(arm: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    command = [
-        sys.executable,
-        __file__,
-        "--worker",
-        arm,
-        "--steps",
-        str(args.steps),
-        "--eval-examples",
-        str(args.eval_examples),
-        "--seed",
-        str(seed),
-        "--compute-dtype",
-        args.compute_dtype,
-        "--peer-eval",
-        args.peer_eval,
-        "--schedule",
-        args.schedule,
-        "--lora-dropout",
-        str(args.lora_dropout),
-    ]
+    command = [sys.executable, __file__, "--worker", arm, "--seed", str(seed)]
+    for name in WORKER_SETTINGS:
+        command += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
