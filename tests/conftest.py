@@ -30,6 +30,14 @@ def _no_leaked_lightning_seed(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture
+def restore_torch_threads() -> Iterator[None]:
+    """Gives torch's thread count back after the test, whatever the test set."""
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def benchmark_module() -> Iterator[Callable[[str], ModuleType]]:
     """``load(name)``: ``benchmarks/<name>.py`` as a module (``benchmarks`` is not a package)."""

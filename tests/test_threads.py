@@ -132,44 +132,32 @@ def _fit(plugin: NF4Precision, steps: int, strategy: object = "auto") -> _Tiny:
     return model
 
 
-def test_the_trainer_runs_every_step_through_the_choice_and_gives_the_threads_back():
-    previous = torch.get_num_threads()
+def test_the_trainer_runs_every_step_through_the_choice_and_gives_the_threads_back(restore_torch_threads):
     torch.set_num_threads(2)
-    try:
-        plugin = NF4Precision(adaptive_threads=True)
-        model = _fit(plugin, 6)
-        assert torch.get_num_threads() == 2  # the user's count after fit
-        assert plugin.step_threads is not None and plugin.step_threads.history == model.threads_seen
-        assert model.threads_seen[:4] == [2, 1, 2, 1]  # the training step itself ran on the chosen count
-    finally:
-        torch.set_num_threads(previous)
+    plugin = NF4Precision(adaptive_threads=True)
+    model = _fit(plugin, 6)
+    assert torch.get_num_threads() == 2  # the user's count after fit
+    assert plugin.step_threads is not None and plugin.step_threads.history == model.threads_seen
+    assert model.threads_seen[:4] == [2, 1, 2, 1]  # the training step itself ran on the chosen count
 
 
-def test_fsdp_runs_every_step_through_the_choice_as_the_plain_plugin_does():
+def test_fsdp_runs_every_step_through_the_choice_as_the_plain_plugin_does(restore_torch_threads):
     from lightning_qlora.plugins import FSDPNF4Precision
     from lightning_qlora.strategies import QLoRAFSDPStrategy
 
-    previous = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        plugin = FSDPNF4Precision(compute_dtype="fp32", adaptive_threads=True)
-        model = _fit(plugin, 6, strategy=QLoRAFSDPStrategy())
-        assert torch.get_num_threads() == 2
-        assert plugin.qlora.step_threads.history == model.threads_seen
-        assert model.threads_seen[:4] == [2, 1, 2, 1]
-    finally:
-        torch.set_num_threads(previous)
+    plugin = FSDPNF4Precision(compute_dtype="fp32", adaptive_threads=True)
+    model = _fit(plugin, 6, strategy=QLoRAFSDPStrategy())
+    assert torch.get_num_threads() == 2
+    assert plugin.qlora.step_threads.history == model.threads_seen
+    assert model.threads_seen[:4] == [2, 1, 2, 1]
 
 
-def test_without_adaptive_threads_the_count_is_the_users():
-    previous = torch.get_num_threads()
+def test_without_adaptive_threads_the_count_is_the_users(restore_torch_threads):
     torch.set_num_threads(2)
-    try:
-        plugin = NF4Precision()
-        model = _fit(plugin, 4)
-        assert plugin.step_threads is None and model.threads_seen == [2, 2, 2, 2]
-    finally:
-        torch.set_num_threads(previous)
+    plugin = NF4Precision()
+    model = _fit(plugin, 4)
+    assert plugin.step_threads is None and model.threads_seen == [2, 2, 2, 2]
 
 
 def test_a_bad_adaptive_threads_value_is_refused():
@@ -177,28 +165,24 @@ def test_a_bad_adaptive_threads_value_is_refused():
         NF4Precision(adaptive_threads="yes")
 
 
-def test_a_fabric_loop_runs_its_step_through_the_precision_choice():
+def test_a_fabric_loop_runs_its_step_through_the_precision_choice(restore_torch_threads):
     from lightning_qlora.plugins import FabricNF4Precision
 
-    previous = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        precision = FabricNF4Precision(compute_dtype="fp32", adaptive_threads=True)
-        fabric = L.Fabric(accelerator="cpu", devices=1, plugins=[precision])
-        L.seed_everything(0)
-        model = fabric.setup_module(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)))
-        optimizer = fabric.setup_optimizers(
-            torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        )
-        x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
-        seen = []
-        for _ in range(4):
-            with precision.step_threads.step():  # the user's whole step: forward, backward, update
-                seen.append(torch.get_num_threads())
-                fabric.backward(model(x).square().mean())
-                optimizer.step()
-                optimizer.zero_grad()
-        assert seen == precision.step_threads.history == [2, 1, 2, 1]
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(previous)
+    precision = FabricNF4Precision(compute_dtype="fp32", adaptive_threads=True)
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=[precision])
+    L.seed_everything(0)
+    model = fabric.setup_module(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)))
+    optimizer = fabric.setup_optimizers(
+        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    )
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    seen = []
+    for _ in range(4):
+        with precision.step_threads.step():  # the user's whole step: forward, backward, update
+            seen.append(torch.get_num_threads())
+            fabric.backward(model(x).square().mean())
+            optimizer.step()
+            optimizer.zero_grad()
+    assert seen == precision.step_threads.history == [2, 1, 2, 1]
+    assert torch.get_num_threads() == 2

@@ -18,13 +18,6 @@ def bench(benchmark_module):
     return benchmark_module("serving")
 
 
-@pytest.fixture
-def restore_torch_threads():
-    previous = torch.get_num_threads()
-    yield
-    torch.set_num_threads(previous)
-
-
 def _cores(monkeypatch, count: int) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(count)), raising=False)
 
