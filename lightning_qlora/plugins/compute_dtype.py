@@ -78,7 +78,7 @@ def measured_cpu_dtype(measure: Measure | None = None, rounds: int = ROUNDS) -> 
     """fp32 or bf16 for this CPU, by measurement; cached per process and ``torch.get_num_threads()``.
 
     One warm-up step per dtype, then ``rounds`` steps of each, interleaved (a busy machine slows
-    both alike), compared by median.
+    both alike), compared by median. torch's global random state is left as it was found.
 
     Args:
         measure: ``dtype -> seconds`` of one step (default :func:`time_qlora_layer_step`); a test injects its own.
@@ -88,11 +88,14 @@ def measured_cpu_dtype(measure: Measure | None = None, rounds: int = ROUNDS) -> 
     if key not in _CHOSEN:
         measure = measure or time_qlora_layer_step
         times: dict[torch.dtype, list[float]] = {torch.float32: [], torch.bfloat16: []}
-        for index in range(rounds + 1):
-            for dtype, values in times.items():
-                seconds = measure(dtype)
-                if index > 0:
-                    values.append(seconds)
+        # the probe's LoRA init and dropout masks draw from torch's global generator: restore it, so a
+        # seeded run gets the same adapters and dropout whether or not (and whenever) auto measured
+        with torch.random.fork_rng(devices=[]):
+            for index in range(rounds + 1):
+                for dtype, values in times.items():
+                    seconds = measure(dtype)
+                    if index > 0:
+                        values.append(seconds)
         fp32, bf16 = statistics.median(times[torch.float32]), statistics.median(times[torch.bfloat16])
         _TIMINGS[key] = {"fp32_s": fp32, "bf16_s": bf16}
         _CHOSEN[key] = torch.bfloat16 if bf16 <= BF16_MARGIN * fp32 else torch.float32

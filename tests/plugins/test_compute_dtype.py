@@ -97,6 +97,20 @@ def test_the_real_measurement_times_both_dtypes():
     assert compute_dtype_module.choose_compute_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
 
 
+def test_the_measurement_leaves_the_seeded_random_stream_as_it_was(monkeypatch):
+    # the probe layer's LoRA init and its dropout masks drew from torch's global generator, so a
+    # seeded run's adapters and dropout differed between compute_dtype="auto" and "fp32", and
+    # between the first and a later run in one process (a Hydra -m sweep), where the choice is cached
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    torch.manual_seed(1234)
+    expected = torch.rand(8)
+    torch.manual_seed(1234)
+    plugin = FabricNF4Precision(compute_dtype="auto")  # the real measurement (nothing faked)
+    assert compute_dtype_module.measured_compute_dtypes()  # it did measure
+    assert plugin.compute_dtype in (torch.float32, torch.bfloat16)
+    assert torch.equal(torch.rand(8), expected)
+
+
 def test_a_resumed_auto_run_computes_in_the_dtype_its_checkpoint_was_trained_in(monkeypatch, tmp_path):
     # Two processes can measure the other way round; resuming must not switch dtype mid-run.
     import lightning as L
