@@ -80,6 +80,8 @@ def target_logits(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     labels: torch.Tensor,
+    *,
+    rows_only: bool = False,
     **model_kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits (B, K, V), targets (B, K))`` at the K positions where some row has a target.
@@ -87,18 +89,53 @@ def target_logits(
     Position ``t`` predicts ``labels[:, t + 1]``; rows without a target at a kept position have
     :data:`IGNORE_INDEX` there. Models without ``logits_to_keep`` project every position (K = T - 1).
     ``model_kwargs`` go to the model (e.g. ``past_key_values`` and ``position_ids`` of a cached prefix).
+
+    ``rows_only=True`` returns ``(logits (M, V), targets (M,))`` instead, for just the M (row,
+    position) pairs that have a target: rows of an instruction batch end their prompts at
+    different positions, so a quarter of the B x K kept positions have no target in the main
+    job (96 of 120-128). The hidden states are gathered before the output layer (a forward
+    pre-hook on ``model.get_output_embeddings()`` while the model runs), so those rows are never
+    projected onto the vocabulary. Where that layer is not found or not called as expected, the
+    result is the flattened ``(B * K, V)`` logits with :data:`IGNORE_INDEX` targets, as without it.
     Example: see :func:`causal_lm_loss`.
     """
     targets = labels[:, 1:]
     if not _accepts(model, "logits_to_keep"):
-        return model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).logits[:, :-1], targets
-    keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **model_kwargs).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).logits[:, :-1]
+        return (logits.flatten(0, 1), targets.flatten()) if rows_only else (logits, targets)
+    has_target = targets != IGNORE_INDEX
+    keep = has_target.any(0).nonzero().squeeze(1)
+    kept = has_target[:, keep]  # (B, K): which kept positions of each row have a target
+    head = model.get_output_embeddings() if rows_only and hasattr(model, "get_output_embeddings") else None
+    gathered: list[bool] = []
+
+    def gather_rows(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        hidden = args[0] if args else None
+        if gathered or not isinstance(hidden, torch.Tensor) or hidden.shape[:2] != kept.shape:
+            return None  # not the projection of the kept positions: leave the call as it is
+        gathered.append(True)
+        return (hidden[kept].unsqueeze(0), *args[1:])  # (1, M, H): still a batch of sequences
+
+    handle = head.register_forward_pre_hook(gather_rows) if isinstance(head, nn.Module) else None
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **model_kwargs).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    if gathered:
+        return logits[0], targets[:, keep][kept]
+    if rows_only:
+        return logits.flatten(0, 1), targets[:, keep].flatten()
     return logits, targets[:, keep]
 
 
 def shared_prefix_target_logits(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    rows_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`target_logits` of a right-padded batch, its shared prefix (:func:`shared_prefix_length`) run once.
 
@@ -111,11 +148,11 @@ def shared_prefix_target_logits(
     shared = 0 if checkpointing else shared_prefix_length(input_ids, attention_mask, labels)
     cache = prefix_cache(model, input_ids[0, :shared], input_ids.shape[0]) if shared >= MIN_SHARED_PREFIX else None
     if cache is None:
-        return target_logits(model, input_ids, attention_mask, labels)
+        return target_logits(model, input_ids, attention_mask, labels, rows_only=rows_only)
     # each row's own tokens after the prefix; positions run on from it (as without the cache)
     positions = torch.arange(shared, input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
     rest = {"position_ids": positions, cache_keyword(model): cache}
-    return target_logits(model, input_ids[:, shared:], attention_mask, labels[:, shared:], **rest)
+    return target_logits(model, input_ids[:, shared:], attention_mask, labels[:, shared:], rows_only=rows_only, **rest)
 
 
 def causal_lm_loss(
@@ -126,10 +163,11 @@ def causal_lm_loss(
 ) -> torch.Tensor:
     """transformers' causal-LM loss (next-token cross entropy, mean over targets, -100 ignored), projected sparsely.
 
-    Position ``t`` predicts ``labels[:, t + 1]``; only positions where some row has a target go
-    through the ``lm_head`` (``logits_to_keep``, transformers >= 4.50). An instruction batch has
-    targets on its answers only, so this skips most of the vocabulary projection, forward and
-    backward. A prefix every row shares runs once (see the module docs). Models without
+    Position ``t`` predicts ``labels[:, t + 1]``; only positions where some row has a target reach
+    the model's last layers (``logits_to_keep``, transformers >= 4.50), and of those only the rows
+    that have one go through the ``lm_head`` (``target_logits(rows_only=True)``). An instruction
+    batch has targets on its answers only, so this skips most of the vocabulary projection, forward
+    and backward. A prefix every row shares runs once (see the module docs). Models without
     ``logits_to_keep`` get transformers' own loss (``labels=``).
 
     Example:
@@ -148,7 +186,5 @@ def causal_lm_loss(
     labels = input_ids if labels is None else labels
     if not _accepts(model, "logits_to_keep"):
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-    logits, targets = shared_prefix_target_logits(model, input_ids, attention_mask, labels)
-    return nn.functional.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="mean"
-    )
+    logits, targets = shared_prefix_target_logits(model, input_ids, attention_mask, labels, rows_only=True)
+    return nn.functional.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="mean")
