@@ -86,6 +86,19 @@ class LoRALayer(AdapterLayer):
         lora_A, lora_B = self.factors()
         return lora_update(x, lora_A, lora_B, self.scaling, mask, keep)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + delta(x)``, the sum taken inside the update's second product (:func:`lora_update`'s ``base_out``).
+
+        Only while :meth:`delta` is this class's own: a subclass (DoRA, Delta-LoRA, LoRA-drop...) or a
+        patched ``delta`` gets :class:`AdapterLayer`'s ``base_out + delta(x, base_out)``.
+        """
+        if self.merged or getattr(self.delta, "__func__", None) is not _LORA_DELTA:
+            return super().forward(x)
+        base_out = self.base(x)
+        mask, keep = self.dropout.mask(x)
+        lora_A, lora_B = self.factors()
+        return lora_update(x, lora_A, lora_B, self.scaling, mask, keep, base_out=base_out)
+
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
@@ -115,4 +128,5 @@ class LoRALayer(AdapterLayer):
         return PeftState(self.peft_config(), tensors)
 
 
+_LORA_DELTA = LoRALayer.delta
 LoRAConfig.layer_class = LoRALayer

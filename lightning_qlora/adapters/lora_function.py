@@ -107,6 +107,7 @@ class _LoRAUpdate(torch.autograd.Function):
         scaling: float,
         mask: torch.Tensor | None,
         keep: float,
+        base_out: torch.Tensor | None,
     ) -> torch.Tensor:
         device = x.device.type
         # under autocast the products run in its dtype, as F.linear would; computed explicitly so the
@@ -118,7 +119,11 @@ class _LoRAUpdate(torch.autograd.Function):
             dropped = flat if mask is None else _apply_mask(flat, mask)
             # the scale goes on the r-wide hidden; 1/keep folds into it too (h is linear in the input)
             hidden = (dropped @ a.t()).mul_(scaling / keep)
-            out = (hidden @ b.t()).view(*x.shape[:-1], b.shape[0])
+            if base_out is None:
+                out = hidden @ b.t()
+            else:  # base_out + hidden B^T in one BLAS call: no separate update tensor, no extra pass to add it
+                out = torch.addmm(base_out.reshape(-1, b.shape[0]), hidden, b.t())
+            out = out.view(*x.shape[:-1], b.shape[0])
         ctx.save_for_backward(x, mask, hidden, a, b)
         ctx.factor = scaling / keep
         ctx.param_dtypes = (lora_A.dtype, lora_B.dtype)
@@ -143,7 +148,8 @@ class _LoRAUpdate(torch.autograd.Function):
                 if mask is not None:
                     grad_x = _apply_mask(grad_x, mask)
                 grad_x = grad_x.view(x.shape).to(x.dtype)
-        return grad_x, grad_a, grad_b, None, None, None
+        grad_base = grad_out if ctx.needs_input_grad[6] else None  # d(base_out + update) / d(base_out) = 1
+        return grad_x, grad_a, grad_b, None, None, None, grad_base
 
 
 def lora_update(
@@ -153,15 +159,24 @@ def lora_update(
     scaling: float,
     mask: torch.Tensor | None = None,
     keep: float = 1.0,
+    base_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``scaling * ((x * mask / keep) @ A^T) @ B^T``: ``x (..., in)``, ``A (r, in)``, ``B (out, r)`` -> ``(..., out)``.
 
     Computed in ``x``'s dtype, or autocast's where it is on (the factors are cast to it, as ``F.linear`` would);
-    ``mask`` is a boolean keep-mask of ``x``'s shape or ``None`` (no dropout).
+    ``mask`` is a boolean keep-mask of ``x``'s shape or ``None`` (no dropout). With ``base_out`` (the
+    base layer's output, ``(..., out)``) it returns ``base_out + update`` instead, added inside the
+    second product (``torch.addmm``) where ``base_out`` has the compute dtype, and as ``base_out + update``
+    (dtype promotion as usual) otherwise.
     """
     if mask is not None and mask.shape != x.shape:
         raise ValueError(f"dropout mask of shape {tuple(mask.shape)} does not match the input's {tuple(x.shape)}.")
-    return _LoRAUpdate.apply(x, lora_A, lora_B, scaling, mask, keep)
+    if base_out is not None:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        if base_out.dtype != dtype or base_out.shape != (*x.shape[:-1], lora_B.shape[0]):
+            return base_out + _LoRAUpdate.apply(x, lora_A, lora_B, scaling, mask, keep, None)
+    return _LoRAUpdate.apply(x, lora_A, lora_B, scaling, mask, keep, base_out)
 
 
 __all__ = ["AdapterDropout", "adapter_dropout", "dropout_mask", "lora_update"]

@@ -43,6 +43,30 @@ def test_lora_update_matches_torch_composition(with_mask, shape):
         torch.testing.assert_close(mine, theirs)
 
 
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.float64])
+def test_lora_update_adds_the_base_output_inside_the_product_with_its_gradient(base_dtype):
+    # LoRALayer passes its base layer's output in: base_out + update as one addmm (issue 20), or, where the
+    # dtypes differ, as base_out + update with the usual promotion
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, 24)
+    lora_A, lora_B = torch.randn(4, 24), torch.randn(12, 4)
+    base_out = torch.randn(2, 5, 12, dtype=base_dtype)
+    mask, keep = dropout_mask(x.shape, 0.3, "cpu")
+    grad_out = torch.randn(2, 5, 12, dtype=base_dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, lora_A, lora_B, base_out)]
+    fused = lora_update(*leaves[:3], 0.75, mask, keep, base_out=leaves[3])
+    fused.backward(grad_out)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, lora_A, lora_B, base_out)]
+    ref = ref_leaves[3] + _reference(*ref_leaves[:3], 0.75, mask, keep)
+    ref.backward(grad_out)
+    assert fused.dtype == ref.dtype == base_dtype
+    close = {"rtol": 1e-5, "atol": 1e-5}  # fp32 products (the scale on the hidden), compared in base_dtype
+    torch.testing.assert_close(fused, ref, **close)
+    for mine, theirs in zip(leaves, ref_leaves):
+        torch.testing.assert_close(mine.grad, theirs.grad, **close)
+    torch.testing.assert_close(leaves[3].grad, grad_out, rtol=0, atol=0)  # the base output's gradient passes through
+
+
 def test_lora_update_gradcheck_in_double():
     torch.manual_seed(1)
     x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
