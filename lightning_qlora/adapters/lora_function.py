@@ -8,7 +8,9 @@
 * what is kept for the backward is the undropped input ``x`` (the very tensor the base layer and
   the sibling adapters (q/k/v, gate/up) read, so it costs nothing extra), the boolean mask and the
   small ``h``; PyTorch's composition keeps a separate dropped copy of ``x`` per adapter;
-* ``grad_x = (s/keep * g B) A * mask``, ``grad_A = (s/keep * g B)^T (x * mask)``, ``grad_B = g^T (s h)``.
+* ``grad_x = (s/keep * g B) A * mask``, ``grad_A = (s/keep * g B)^T (x * mask)``, ``grad_B = g^T (s h)``;
+* with ``base_out=`` (what :class:`~lightning_qlora.adapters.lora.LoRALayer` passes: its base layer's
+  output) it returns ``base_out + update`` from one ``torch.addmm``, with no update tensor of its own.
 
 :class:`AdapterDropout` replaces ``nn.Dropout`` on adapter inputs. A training step of the main job
 spent 15% of its time in ``aten::bernoulli_`` (one float draw per element and adapter); this mask
