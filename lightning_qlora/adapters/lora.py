@@ -81,10 +81,14 @@ class LoRALayer(AdapterLayer):
             torch.nn.functional.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)
         )
 
-    def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    def _update(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
+        """The update (dropout mask drawn here), or ``base_out`` plus it (:func:`lora_update`'s ``base_out``)."""
         mask, keep = self.dropout.mask(x)
         lora_A, lora_B = self.factors()
-        return lora_update(x, lora_A, lora_B, self.scaling, mask, keep)
+        return lora_update(x, lora_A, lora_B, self.scaling, mask, keep, base_out=base_out)
+
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        return self._update(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``base(x) + delta(x)``, the sum taken inside the update's second product (:func:`lora_update`'s ``base_out``).
@@ -94,10 +98,7 @@ class LoRALayer(AdapterLayer):
         """
         if self.merged or getattr(self.delta, "__func__", None) is not _LORA_DELTA:
             return super().forward(x)
-        base_out = self.base(x)
-        mask, keep = self.dropout.mask(x)
-        lora_A, lora_B = self.factors()
-        return lora_update(x, lora_A, lora_B, self.scaling, mask, keep, base_out=base_out)
+        return self._update(x, base_out=self.base(x))
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling

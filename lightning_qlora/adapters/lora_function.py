@@ -99,6 +99,15 @@ def adapter_dropout(p: float) -> AdapterDropout:
     return AdapterDropout(p)
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the update's products run in: autocast's where it is on (as ``F.linear``'s would), else ``x``'s.
+
+    Taken explicitly, so that the backward (which autocast does not cover) uses the same dtypes.
+    """
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class _LoRAUpdate(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -112,9 +121,7 @@ class _LoRAUpdate(torch.autograd.Function):
         base_out: torch.Tensor | None,
     ) -> torch.Tensor:
         device = x.device.type
-        # under autocast the products run in its dtype, as F.linear would; computed explicitly so the
-        # backward (which autocast does not cover) uses the same dtypes
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = _compute_dtype(x)
         with torch.autocast(device, enabled=False):
             a, b = lora_A.to(dtype), lora_B.to(dtype)
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -174,9 +181,7 @@ def lora_update(
     if mask is not None and mask.shape != x.shape:
         raise ValueError(f"dropout mask of shape {tuple(mask.shape)} does not match the input's {tuple(x.shape)}.")
     if base_out is not None:
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        if base_out.dtype != dtype or base_out.shape != (*x.shape[:-1], lora_B.shape[0]):
+        if base_out.dtype != _compute_dtype(x) or base_out.shape != (*x.shape[:-1], lora_B.shape[0]):
             return base_out + _LoRAUpdate.apply(x, lora_A, lora_B, scaling, mask, keep, None)
     return _LoRAUpdate.apply(x, lora_A, lora_B, scaling, mask, keep, base_out)
 

@@ -4,14 +4,15 @@ issue-16 suite: its targets, its table, and its wiring with every measurement fa
 from __future__ import annotations
 
 import json
-import sys
 import os
+import sys
 
 import pytest
 import torch
 
 from lightning_qlora.serving.api import DEFAULT_NUM_PAGES, OpenAIAdapterSpec, ServerConfig, default_server_threads
 from lightning_qlora.serving.cli import USAGE
+
 
 @pytest.fixture(scope="module")
 def bench(benchmark_module):
